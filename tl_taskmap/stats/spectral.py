@@ -1,0 +1,194 @@
+"""Streaming covariance spectra: eigenvalues, dimensions for 99% variance, participation ratio.
+
+The Layer-by-Layer line of work (MOSSA, Zhao et al.) summarises a layer by how many principal
+directions of its mean-centred activations explain 99% of the variance. ``StreamingCovariance``
+gets that number from a float64 covariance accumulated batch by batch (O(d²) memory), and it
+equals the count from an SVD of the full centred activation matrix: the eigenvalues of the
+covariance are the squared singular values divided by n − 1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .cka import FORMAT_VERSION, _as_float64_rows, check_format_version, load_state, save_state
+
+__all__ = ["StreamingCovariance", "dims_for_variance_from_eigenvalues"]
+
+
+def dims_for_variance_from_eigenvalues(eigs: Float[np.ndarray, " k"] | Tensor, fraction: float = 0.99) -> int:
+    """Smallest k whose k largest eigenvalues explain at least ``fraction`` of their total.
+
+    Eigenvalues at round-off level (≤ len · eps · max, the usual numerical-rank tolerance, and any
+    negative ones) count as 0, so ``fraction=1.0`` gives the numerical rank, not ``d``.
+
+    >>> dims_for_variance_from_eigenvalues(np.array([5.0, 3.0, 1.5, 0.5]), 0.9)
+    3
+    >>> dims_for_variance_from_eigenvalues([1.0, 1.0, 0.0], 1.0)
+    2
+    """
+    if isinstance(eigs, Tensor):
+        eigs = eigs.detach().cpu().numpy()
+    eigs = np.asarray(eigs, dtype=np.float64).ravel()
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    if eigs.size == 0 or not np.all(np.isfinite(eigs)):
+        raise ValueError("eigenvalues must be a non-empty array of finite numbers.")
+    eigs = np.sort(np.clip(eigs, 0.0, None))[::-1]
+    eigs[eigs <= eigs.size * np.finfo(np.float64).eps * eigs[0]] = 0.0
+    total = eigs.sum()
+    if total <= 0:
+        raise ValueError("all eigenvalues are 0 (constant data): no variance to explain.")
+    cumulative = np.cumsum(eigs)
+    k = int(np.searchsorted(cumulative, fraction * total, side="left")) + 1
+    # With fraction=1 round-off can leave cumulative[-1] a hair below total; stop at the last
+    # nonzero eigenvalue rather than counting zero-variance directions.
+    return min(k, int(np.count_nonzero(eigs)))
+
+
+class StreamingCovariance:
+    """Float64 mean and covariance of ``[n, d]`` batches, mergeable and saveable.
+
+    Example:
+        >>> scales = torch.tensor([9.0, 3.0, 1.0, 0.1, 0.1, 0.1])  # variances ~81, 9, 1, ...
+        >>> x = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)) * scales
+        >>> cov = StreamingCovariance(6)
+        >>> for batch in x.split(128):
+        ...     _ = cov.add(batch)
+        >>> cov
+        StreamingCovariance(d=6, n=500, device=cpu)
+        >>> cov.dims_for_variance(0.99), cov.dims_for_variance(0.9)
+        (3, 2)
+    """
+
+    def __init__(self, d: int, device: str | torch.device | None = None):
+        if int(d) < 1:
+            raise ValueError(f"d must be a positive feature width, got {d}.")
+        self.d = int(d)
+        # device=None: statistics follow the device of the first batch added.
+        self._follow_input_device = device is None
+        self.device = torch.device("cpu" if device is None else device)
+        self._n = 0
+        kw = dict(dtype=torch.float64, device=self.device)
+        # Rows are stored shifted by the first batch's mean (u = x − shift) so that a large common
+        # offset does not cancel catastrophically when the covariance is formed.
+        self._stats = {"shift": torch.zeros(self.d, **kw), "sum_u": torch.zeros(self.d, **kw),
+                       "utu": torch.zeros(self.d, self.d, **kw)}
+
+    @property
+    def n(self) -> int:
+        """Number of examples accumulated."""
+        return self._n
+
+    def add(self, x: Float[Tensor, "n d"]) -> "StreamingCovariance":
+        """Accumulate one batch of examples. Rows with NaN/inf raise ``ValueError``."""
+        if self._follow_input_device and self._n == 0 and isinstance(x, Tensor) and x.device != self.device:
+            self.device = x.device
+            self._stats = {k: v.to(self.device) for k, v in self._stats.items()}
+        x = _as_float64_rows(x, "x", self.d, self.device)
+        bad = ~torch.isfinite(x).all(1)
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).ravel()[:5].tolist()
+            raise ValueError(
+                f"the input has {int(bad.sum())} NaN/inf row(s) (first: {rows}); drop or fix them before "
+                "add() (e.g. x[torch.isfinite(x).all(1)]), since a covariance cannot skip them silently."
+            )
+        if x.shape[0] == 0:
+            return self
+        s = self._stats
+        if self._n == 0:
+            s["shift"] = x.mean(0)
+        u = x - s["shift"]
+        s["sum_u"] += u.sum(0)
+        s["utu"] += u.T @ u
+        self._n += x.shape[0]
+        return self
+
+    def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
+        """Add another accumulator's examples to this one, exactly (in place; returns ``self``)."""
+        if not isinstance(other, StreamingCovariance) or other.d != self.d:
+            raise ValueError(f"can only merge a StreamingCovariance with d={self.d}; got {other!r}.")
+        if other._n == 0:
+            return self
+        theirs = {k: v.to(self.device, copy=True) for k, v in other._stats.items()}
+        if self._n == 0:
+            self._stats, self._n = theirs, other._n
+            return self
+        # Their rows about our shift: u = u_other + delta.
+        delta, n_o, su = theirs["shift"] - self._stats["shift"], other._n, theirs["sum_u"]
+        self._stats["sum_u"] = self._stats["sum_u"] + su + n_o * delta
+        self._stats["utu"] = (self._stats["utu"] + theirs["utu"] + torch.outer(delta, su)
+                              + torch.outer(su, delta) + n_o * torch.outer(delta, delta))
+        self._n += n_o
+        return self
+
+    def _need(self, k: int) -> None:
+        if self._n < k:
+            raise ValueError(f"need at least {k} examples, got n={self._n}; add more examples.")
+
+    @property
+    def mean(self) -> Float[Tensor, " d"]:
+        """Float64 mean of the examples."""
+        self._need(1)
+        return self._stats["shift"] + self._stats["sum_u"] / self._n
+
+    def covariance(self) -> Float[Tensor, "d d"]:
+        """Float64 sample covariance with the n − 1 denominator (as ``np.cov``)."""
+        self._need(2)
+        su = self._stats["sum_u"]
+        cov = (self._stats["utu"] - torch.outer(su, su) / self._n) / (self._n - 1)
+        return (cov + cov.T) / 2  # exactly symmetric for eigvalsh
+
+    def eigenvalues(self) -> Float[Tensor, " d"]:
+        """Covariance eigenvalues, descending, with round-off negatives clipped to 0."""
+        eigs = torch.linalg.eigvalsh(self.covariance())
+        return eigs.flip(0).clamp_min(0.0)
+
+    def dims_for_variance(self, fraction: float = 0.99) -> int:
+        """Smallest k with cumulative explained variance ≥ ``fraction`` (the paper's 99% count)."""
+        return dims_for_variance_from_eigenvalues(self.eigenvalues(), fraction)
+
+    def participation_ratio(self) -> float:
+        """(Σλ)² / Σλ² of the covariance eigenvalues, between 1 and d.
+
+        Computed as trace(C)² / ‖C‖_F², which needs no eigendecomposition.
+        """
+        cov = self.covariance()
+        frob2 = float((cov * cov).sum())
+        if frob2 <= 0:
+            raise ValueError("the covariance is zero (constant data); the participation ratio is undefined.")
+        return float(torch.trace(cov)) ** 2 / frob2
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Statistics as tensors, plus ``n`` and ``format_version``."""
+        state = {k: v.clone() for k, v in self._stats.items()}
+        state.update(n=torch.tensor(self._n), format_version=torch.tensor(FORMAT_VERSION))
+        return state
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict[str, Tensor], device: str | torch.device | None = None
+    ) -> "StreamingCovariance":
+        """Rebuild an accumulator from :meth:`state_dict` output."""
+        check_format_version(state, cls.__name__)
+        acc = cls(state["utu"].shape[0], device=device)
+        acc._stats = {k: state[k].to(device=acc.device, dtype=torch.float64).clone() for k in acc._stats}
+        acc._n = int(state["n"])
+        return acc
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save to a ``.safetensors`` file (no pickle)."""
+        save_state(path, self.state_dict(), type(self).__name__)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "StreamingCovariance":
+        """Load an accumulator written by :meth:`save`."""
+        return cls.from_state_dict(load_state(path, cls.__name__), device=device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(d={self.d}, n={self._n}, device={self.device})"
