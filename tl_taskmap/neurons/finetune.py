@@ -1,0 +1,405 @@
+"""Neuron-restricted fine-tuning (Leng & Xiong 2024, "Train-Task" vs "Train-Random"), full fine-tuning,
+and per-task control models (Zhao et al. 2024) saved as safetensors.
+
+Only the parameters owned by the neurons of a :class:`~tl_taskmap.neurons.sets.NeuronSet` are trained:
+each neuron's input-weight column, gate column (gated MLPs), input bias and output-weight row. Every
+other entry stays **bit-identical**. Masking the gradient alone is not enough — AdamW's decoupled weight
+decay (and Adam's L2 term) moves entries whose gradient is zero — so the *update* is masked: after each
+optimizer step the frozen entries of the partly trained tensors are copied back from a snapshot taken
+before training, and all parameters outside the touched MLP tensors have ``requires_grad=False``. The
+gradient is masked too, so optimizer moments of frozen entries stay zero and clipping sees only
+trained entries.
+
+Example:
+    >>> from tl_taskmap.neurons.finetune import finetune
+    >>> result = finetune(model, train_task, task_neurons, steps=30, lr=1e-3)            # doctest: +SKIP
+    >>> baseline = finetune(other_copy, train_task, task_neurons.random_like(seed=0), steps=30, lr=1e-3)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Optional, Union
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_taskmap.evaluate import answer_nll
+from tl_taskmap.models import as_adapter, parameter_fingerprint
+from tl_taskmap.neurons.sets import NeuronSet
+from tl_taskmap.tasks import Task
+
+CONTROL_FORMAT_VERSION = 1
+NeuronSpec = Union[NeuronSet, None, Literal["all"]]
+OptimizerSpec = Union[str, Callable[..., torch.optim.Optimizer]]
+
+
+@dataclass
+class _PartialParam:
+    param: torch.nn.Parameter
+    keep: Bool[Tensor, "..."]  # True on trained entries, broadcastable to the parameter
+    snapshot: Tensor  # the parameter before training
+
+
+class UpdateMask:
+    """What :func:`trainable_neurons` hands to a training loop.
+
+    Attributes:
+        params: The parameters to give the optimizer (trained, possibly only partly).
+        n_trainable: Number of scalar entries that may change.
+        n_neurons: Number of neurons trained (None for full fine-tuning).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], partial: list[_PartialParam], n_neurons: Optional[int]):
+        self.params = params
+        self._partial = partial
+        self.n_neurons = n_neurons
+        partial_ids = {id(p.param) for p in partial}
+        self.n_trainable = sum(p.numel() for p in params if id(p) not in partial_ids) + sum(
+            int(p.keep.expand_as(p.param).sum()) for p in partial
+        )
+
+    def mask_gradients(self) -> None:
+        """Zero the gradient of frozen entries (call after ``backward``, before clipping and ``step``)."""
+        for p in self._partial:
+            if p.param.grad is not None:
+                p.param.grad.mul_(p.keep.to(p.param.grad.dtype))
+
+    @torch.no_grad()
+    def restore_frozen(self) -> None:
+        """Copy the frozen entries back from the snapshot (call after every ``optimizer.step()``)."""
+        for p in self._partial:
+            p.param.copy_(torch.where(p.keep, p.param, p.snapshot))
+
+
+@contextlib.contextmanager
+def trainable_neurons(model: Any, neurons: NeuronSpec = "all") -> Iterator[UpdateMask]:
+    """Make only ``neurons``' parameters trainable inside a ``with`` block; restore everything after.
+
+    Inside the block, every parameter outside the MLP tensors of the set's layers has
+    ``requires_grad=False``. On exit (also on an exception) the frozen entries are restored bit-exactly,
+    and the ``requires_grad`` flags and ``.grad`` of every parameter are put back as they were.
+
+    Args:
+        model: HookedTransformer, TransformerBridge or ModelAdapter.
+        neurons: A NeuronSet, or ``"all"`` / ``None`` for every parameter of the model.
+
+    Raises:
+        ValueError: empty set, or a set built for another model shape (names the layer and size).
+
+    Example:
+        >>> with trainable_neurons(model, task_neurons) as mask:          # doctest: +SKIP
+        ...     opt = torch.optim.AdamW(mask.params, lr=1e-3)
+        ...     loss.backward(); mask.mask_gradients(); opt.step(); mask.restore_frozen()
+    """
+    adapter = as_adapter(model)
+    net = adapter.model
+    named = list(net.named_parameters())
+    partial: list[_PartialParam] = []
+    if neurons is None or (isinstance(neurons, str) and neurons == "all"):
+        params = [p for _, p in named]
+        n_neurons = None
+    elif isinstance(neurons, NeuronSet):
+        _check_neurons(adapter, neurons)
+        params = []
+        for layer in neurons.layers():
+            keep_1d = neurons.to_mask()[layer]
+            for np_ in adapter.neuron_params(layer):
+                shape = [1] * np_.param.ndim
+                shape[np_.dim] = keep_1d.numel()
+                keep = keep_1d.reshape(shape).to(np_.param.device)
+                partial.append(_PartialParam(np_.param, keep, np_.param.detach().clone()))
+                params.append(np_.param)
+        n_neurons = len(neurons)
+    else:
+        raise TypeError(f"neurons must be a NeuronSet, 'all' or None, got {neurons!r}")
+    flags = [(p, p.requires_grad, p.grad) for _, p in named]
+    trained = {id(p) for p in params}
+    try:
+        for _, p in named:
+            p.requires_grad_(id(p) in trained)
+        yield UpdateMask(params, partial, n_neurons)
+    finally:
+        UpdateMask([], partial, n_neurons).restore_frozen()
+        for p, requires_grad, grad in flags:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+
+
+def _check_neurons(adapter: Any, neurons: NeuronSet) -> None:
+    if adapter.d_mlp is None:
+        raise ValueError("the model has no MLP neurons (cfg.d_mlp is unset): neuron-restricted training needs an MLP")
+    neurons.check_compatible(adapter.n_layers, adapter.d_mlp)
+    if len(neurons) == 0:
+        raise ValueError(
+            "the NeuronSet is empty: there is nothing to train. Select neurons first (e.g. relevance(...).top(0.1)) "
+            "or pass neurons='all' for full fine-tuning"
+        )
+
+
+@dataclass
+class FinetuneResult:
+    """The record of one fine-tuning run.
+
+    Attributes:
+        task: Name of the training task.
+        losses: Mean answer NLL of each step's batch, before that step's update.
+        n_trainable: Scalar parameter entries that were allowed to change.
+        n_neurons: Neurons trained (None for full fine-tuning).
+        config: The settings used (steps, lr, batch_size, weight_decay, seed, optimizer, ...).
+        seconds: Wall-clock training time.
+    """
+
+    task: str
+    losses: list[float]
+    n_trainable: int
+    n_neurons: Optional[int]
+    config: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss over the last ``min(5, steps)`` steps (less noisy than the last step alone)."""
+        tail = self.losses[-5:]
+        return sum(tail) / len(tail)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "losses": self.losses, "n_trainable": self.n_trainable, "n_neurons": self.n_neurons,
+                "config": self.config, "seconds": self.seconds}
+
+    def to_dataframe(self) -> Any:
+        """One row per step: ``step``, ``loss``."""
+        import pandas as pd
+
+        return pd.DataFrame({"step": range(len(self.losses)), "loss": self.losses})
+
+    def __repr__(self) -> str:
+        what = "all parameters" if self.n_neurons is None else f"{self.n_neurons} neurons"
+        return (f"FinetuneResult({self.task!r}: {what}, {self.n_trainable:,} trainable entries, {len(self.losses)} steps, "
+                f"loss {self.losses[0]:.3f} -> {self.final_loss:.3f}, {self.seconds:.1f}s)")
+
+
+def _make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if callable(spec):
+        return spec(params, lr=lr, weight_decay=weight_decay)
+    options = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    if spec not in options:
+        raise ValueError(f"optimizer must be one of {sorted(options)} or a callable(params, lr, weight_decay), got {spec!r}")
+    return options[spec](params, lr=lr, weight_decay=weight_decay)
+
+
+def finetune(
+    model: Any,
+    task: Task,
+    neurons: NeuronSpec = "all",
+    *,
+    steps: int = 50,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    optimizer: OptimizerSpec = "adamw",
+    max_grad_norm: Optional[float] = 1.0,
+    dropout: bool = False,
+    prepend_bos: Optional[bool] = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune ``model`` in place on ``task``'s answer tokens, training only ``neurons``.
+
+    The loss is the mean answer-token NLL (:func:`tl_taskmap.evaluate.answer_nll`) of the target
+    completion; prompt tokens are not trained on. Batches are drawn from a seeded permutation of the
+    examples (reshuffled each epoch), so two runs with the same seed give bit-identical parameters.
+
+    Args:
+        model: HookedTransformer, TransformerBridge or ModelAdapter; changed in place.
+        task: The training examples (use ``task.split(...)`` to keep an evaluation split apart).
+        neurons: A NeuronSet (only its neurons' parameters train; the rest stays bit-identical),
+            or ``"all"`` / ``None`` for full fine-tuning. Random baseline: ``neurons.random_like(seed)``.
+        steps: Optimizer steps. lr: learning rate. batch_size: examples per step.
+        weight_decay: Passed to the optimizer; it cannot move frozen entries (see module docstring).
+        seed: Seeds batch order and (with ``dropout=True``) dropout; the global RNG state is untouched.
+        optimizer: ``"adamw"`` (default), ``"adam"``, ``"sgd"`` or ``callable(params, lr=, weight_decay=)``.
+        max_grad_norm: Gradient clipping over trained entries (None: off).
+        dropout: Train in ``model.train()`` mode (dropout on); default eval mode, deterministic and
+            closest to the model at evaluation time. The original mode is restored either way.
+        progress: Show a tqdm bar with the running loss.
+
+    Example:
+        >>> res = finetune(model, task, NeuronSet(2, 8, {0: [1, 5]}), steps=10, lr=1e-3, progress=False)  # doctest: +SKIP
+        >>> res.n_neurons, len(res.losses)                                                              # doctest: +SKIP
+        (2, 10)
+    """
+    for value, what in ((steps, "steps"), (batch_size, "batch_size")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a tl_taskmap Task, got {type(task).__name__}")
+    adapter = as_adapter(model)
+    net = adapter.model
+    device = adapter.device
+    config = {"steps": steps, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
+              "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom"),
+              "max_grad_norm": max_grad_norm, "dropout": dropout,
+              "neurons": "all" if not isinstance(neurons, NeuronSet) else {"name": neurons.name, "size": len(neurons)}}
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    was_training = net.training
+    start = time.perf_counter()
+    devices = [device] if device.type == "cuda" else []
+    with trainable_neurons(adapter, neurons) as mask, torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        opt = _make_optimizer(optimizer, mask.params, lr, weight_decay)
+        net.train(dropout)
+        try:
+            bar = tqdm(range(steps), disable=not progress, desc=f"finetune {task.name}", leave=False)
+            for step in bar:
+                if len(order) < batch_size:  # next epoch(s): the seeded permutation decides the order
+                    while len(order) < batch_size:
+                        order.extend(torch.randperm(len(task), generator=generator).tolist())
+                chosen, order = order[:batch_size], order[batch_size:]
+                examples = [task.examples[i] for i in chosen]
+                batch = adapter.tokenize([e.prompt for e in examples], [e.target for e in examples], prepend_bos=prepend_bos)
+                loss = answer_nll(adapter.forward(batch), batch).mean()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite training loss at step {step} on {task.name!r}: lower lr (now {lr})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                mask.mask_gradients()
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(mask.params, max_grad_norm)
+                opt.step()
+                mask.restore_frozen()
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        finally:
+            net.train(was_training)
+            opt.zero_grad(set_to_none=True)
+    return FinetuneResult(task.name, losses, mask.n_trainable, mask.n_neurons, config, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------- control models
+
+
+def train_control_model(base_model: Any, task: Task, *, neurons: NeuronSpec = None, return_result: bool = False,
+                        **finetune_kwargs: Any) -> Any:
+    """A deep copy of ``base_model`` fine-tuned on one task: the per-task control model C_t.
+
+    ``neurons=None`` (default) is full fine-tuning; a NeuronSet restricts training to it. The base model
+    is never changed. Keyword arguments go to :func:`finetune`.
+
+    Returns:
+        The fine-tuned copy, or ``(copy, FinetuneResult)`` with ``return_result=True``.
+
+    Example:
+        >>> control = train_control_model(model, suite["sst2"], steps=30, lr=1e-4)   # doctest: +SKIP
+    """
+    copy_ = copy.deepcopy(as_adapter(base_model).model)
+    result = finetune(copy_, task, neurons, **finetune_kwargs)
+    return (copy_, result) if return_result else copy_
+
+
+def _combined_fingerprint(model: Any) -> str:
+    digest = hashlib.sha256()
+    for name, value in sorted(parameter_fingerprint(model).items()):
+        digest.update(name.encode() + b"\0" + value)
+    return digest.hexdigest()
+
+
+def _describe(model: Any) -> dict[str, Any]:
+    adapter = as_adapter(model)
+    inner = type(getattr(adapter.model, "original_model", adapter.model)).__name__
+    return {"backend": adapter.backend, "class": inner, "n_layers": adapter.n_layers, "d_model": adapter.d_model, "d_mlp": adapter.d_mlp}
+
+
+def save_control_model(model: Any, path: str | os.PathLike, *, base_model: Any = None, task: Optional[str] = None,
+                       meta: Optional[dict[str, Any]] = None) -> Path:
+    """Save a control model to the folder ``path``: ``weights.safetensors`` + ``manifest.json`` (no pickle).
+
+    With ``base_model``, only the parameters whose bytes differ from the base's are written (a delta; a
+    neuron-restricted model stores just its touched MLP tensors) and the manifest records a fingerprint
+    of the base so loading onto the wrong base fails. Without it, every parameter is written. Tensors are
+    keyed by ``model.named_parameters()`` names, so a file loads onto the same model class only.
+
+    Example:
+        >>> save_control_model(control, "controls/sst2", base_model=model, task="sst2")   # doctest: +SKIP
+        >>> control2 = load_control_model(model, "controls/sst2")                          # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    net = as_adapter(model).model
+    params = dict(net.named_parameters())
+    names = sorted(params)
+    delta = base_model is not None
+    manifest: dict[str, Any] = {"format_version": CONTROL_FORMAT_VERSION, "kind": "tl_taskmap.control_model",
+                                "model": _describe(model), "task": task, "meta": json.loads(json.dumps(meta or {})),
+                                "delta": delta, "base_fingerprint": None}
+    if delta:
+        base_prints = parameter_fingerprint(base_model)
+        if set(base_prints) != set(params):
+            raise ValueError("base_model's parameters are not the control model's: save a delta only against its own base")
+        mine = parameter_fingerprint(model)
+        names = [n for n in names if mine[n] != base_prints[n]]
+        manifest["base_fingerprint"] = _combined_fingerprint(base_model)
+    manifest["tensors"] = {n: {"shape": list(params[n].shape), "dtype": str(params[n].dtype)} for n in names}
+    save_file({n: params[n].detach().cpu().contiguous().clone() for n in names}, str(folder / "weights.safetensors"))
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return folder
+
+
+def load_control_model(base_model: Any, path: str | os.PathLike, *, check_base: bool = True) -> Any:
+    """Rebuild a saved control model: a deep copy of ``base_model`` with the saved tensors copied in.
+
+    Raises:
+        ValueError: missing files, an unknown format version, another model class or shape, a
+            tensor name or shape that does not fit, or (for a delta, with ``check_base``) a base
+            model other than the one it was saved against.
+
+    Example:
+        >>> control = load_control_model(model, "controls/sst2")   # doctest: +SKIP
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    if not (folder / "manifest.json").is_file() or not (folder / "weights.safetensors").is_file():
+        raise ValueError(f"{folder} is not a saved control model (needs manifest.json and weights.safetensors)")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if manifest.get("kind") != "tl_taskmap.control_model" or manifest.get("format_version") != CONTROL_FORMAT_VERSION:
+        raise ValueError(f"{folder}: format {manifest.get('kind')!r} v{manifest.get('format_version')!r}; "
+                         f"this tl_taskmap reads tl_taskmap.control_model v{CONTROL_FORMAT_VERSION}")
+    if manifest["model"] != _describe(base_model):
+        raise ValueError(f"{folder} was saved from {manifest['model']} but the base model is {_describe(base_model)}")
+    if manifest["delta"] and check_base and manifest["base_fingerprint"] != _combined_fingerprint(base_model):
+        raise ValueError(f"{folder} stores only the tensors that differ from its base, and this base_model is not that base "
+                         "(its weights differ); pass the original base or check_base=False")
+    tensors = load_file(str(folder / "weights.safetensors"))
+    model = copy.deepcopy(as_adapter(base_model).model)
+    params = dict(model.named_parameters())
+    if not manifest["delta"] and set(tensors) != set(params):
+        missing = sorted(set(params) - set(tensors))[:3]
+        raise ValueError(f"{folder} is a full save but lacks parameters such as {missing}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name not in params:
+                raise ValueError(f"{folder}: tensor {name!r} is not a parameter of the base model")
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise ValueError(f"{folder}: {name} has shape {tuple(value.shape)}, the model's is {tuple(params[name].shape)}")
+            params[name].copy_(value.to(params[name].dtype))
+    return model
+
+
+__all__ = ["FinetuneResult", "UpdateMask", "trainable_neurons", "finetune", "train_control_model",
+           "save_control_model", "load_control_model", "CONTROL_FORMAT_VERSION"]
