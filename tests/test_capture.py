@@ -134,3 +134,23 @@ def test_resolve_sites_forms(bridge_llama):
     sites = resolve_sites(bridge_llama, [(0, "neurons"), "blocks.2.hook_resid_post", (1, "mlp_out")])
     assert [s.hook_name for s in sites] == ["blocks.0.mlp.hook_post", "blocks.2.hook_resid_post", "blocks.1.hook_mlp_out"]
     assert [s.kind for s in sites] == ["mlp_post", "resid_post", "mlp_out"]
+
+
+def test_accumulator_sink_matches_memory_capture(bridge_llama):
+    from tl_taskmap.capture import AccumulatorSink
+    from tl_taskmap.stats import StreamingCovariance
+
+    mem = capture(bridge_llama, PROMPTS, "resid_post", batch_size=4, progress=False)
+    spectra = capture(bridge_llama, PROMPTS, "resid_post", batch_size=4, sink=AccumulatorSink(lambda site, d: StreamingCovariance(d)), progress=False)
+    for name, acc in spectra.items():
+        expected = np.cov(mem[name].double().numpy(), rowvar=False)
+        np.testing.assert_allclose(acc.covariance().cpu().numpy(), expected, atol=1e-5)
+
+
+def test_too_long_prompt_fails_before_any_forward(bridge_llama):
+    a = as_adapter(bridge_llama)
+    calls = []
+    with a.hooks([("blocks.0.hook_resid_pre", lambda x, hook: calls.append(1))]):
+        with pytest.raises(ValueError, match="prompt 9 is"):
+            capture(bridge_llama, PROMPTS + ["ok"] * 3 + ["a b c d e f " * 30], "resid_post", batch_size=2, progress=False)
+    assert calls == []

@@ -287,6 +287,36 @@ class CallbackSink:
         return self.result() if self.result else None
 
 
+class AccumulatorSink:
+    """Feed each site's reduced batches to its own accumulator (anything with ``add(x)``).
+
+    ``factory(site, d)`` makes the accumulator for a site of width ``d``; ``finish`` returns
+    ``{hook_name: accumulator}``.
+
+    Example:
+        >>> from tl_taskmap.stats import StreamingCovariance
+        >>> spectra = capture(model, prompts, "resid_post",
+        ...                   sink=AccumulatorSink(lambda site, d: StreamingCovariance(d)))   # doctest: +SKIP
+        >>> spectra["blocks.0.hook_resid_post"].dims_for_variance(0.99)                     # doctest: +SKIP
+    """
+
+    def __init__(self, factory: Callable[[Site, int], Any]):
+        self.factory = factory
+        self.accumulators: dict[Site, Any] = {}
+
+    def start(self, sites: list[Site], n_examples: int) -> None:
+        self.accumulators = {}
+
+    def add(self, acts: Mapping[Site, Tensor], start: int) -> None:
+        for site, t in acts.items():
+            if site not in self.accumulators:
+                self.accumulators[site] = self.factory(site, t.shape[-1])
+            self.accumulators[site].add(t)
+
+    def finish(self) -> dict[str, Any]:
+        return {site.hook_name: acc for site, acc in self.accumulators.items()}
+
+
 # ---------------------------------------------------------------------------- capture
 class Capturer:
     """Runs batches through one model and returns reduced activations at fixed sites.
@@ -360,6 +390,23 @@ def check_finite(acts: Tensor, site: Site, model_dtype: torch.dtype) -> None:
         raise FloatingPointError(f"non-finite (NaN/inf) activations at layer {site.layer} ({site.hook_name}).{hint}")
 
 
+def check_prompts(adapter: ModelAdapter, prompts: Sequence[str], *, max_length: Optional[int] = None, prepend_bos: Optional[bool] = None) -> None:
+    """Fail before any forward pass on a non-string or too-long prompt, naming it."""
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} is a {type(p).__name__}, expected str")
+    limit = max_length or adapter.n_ctx
+    if limit is None:
+        return
+    bos = int(adapter.default_prepend_bos if prepend_bos is None else prepend_bos)
+    for i, ids in enumerate(adapter.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]):
+        if len(ids) + bos > limit:
+            raise ValueError(
+                f"prompt {i} is {len(ids) + bos} tokens long, longer than the model's context of {limit} tokens; "
+                "shorten it or truncate the task's prompts"
+            )
+
+
 def iter_batches(items: Sequence[Any], batch_size: int) -> Iterator[tuple[int, Sequence[Any]]]:
     """``(start, chunk)`` pairs over ``items`` in order."""
     if batch_size < 1:
@@ -409,9 +456,7 @@ def capture(
     if not prompts:
         raise ValueError("capture got no prompts: pass at least one (is the task empty?)")
     capturer = Capturer(model, sites, reduce, padding_side=padding_side, prepend_bos=prepend_bos, max_length=max_length)
-    for i, p in enumerate(prompts):  # fail before any forward pass on a too-long prompt
-        if not isinstance(p, str):
-            raise TypeError(f"prompt {i} is a {type(p).__name__}, expected str")
+    check_prompts(capturer.adapter, prompts, max_length=max_length, prepend_bos=prepend_bos)
     sink = sink if sink is not None else MemorySink()
     sink.start(capturer.sites, len(prompts))
     n_batches = math.ceil(len(prompts) / batch_size)
