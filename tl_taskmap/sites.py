@@ -1,0 +1,70 @@
+"""Sites: which hook points to capture, as validated (layer, kind, hook name) triples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+from tl_taskmap.models import SITE_ALIASES, SITE_TEMPLATES, as_adapter
+
+SiteSpec = Union[str, tuple[int, str], "Site", Sequence[Union[str, tuple[int, str], "Site"]]]
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """A hook point to capture: its layer, its kind (``"resid_post"``, ``"mlp_post"``, ...) and hook name."""
+
+    layer: int
+    kind: str
+    hook_name: str
+
+    def __str__(self) -> str:
+        return self.hook_name
+
+
+def resolve_sites(model: Any, sites: SiteSpec) -> list[Site]:
+    """Turn a site specification into validated :class:`Site` objects.
+
+    Accepted forms: a short kind for every layer (``"resid_post"``), a full hook name
+    (``"blocks.3.mlp.hook_post"``), a ``(layer, kind)`` pair, a :class:`Site`, or a list of these.
+
+    Example:
+        >>> resolve_sites(model, [(0, "resid_post"), "blocks.1.mlp.hook_post"])   # doctest: +SKIP
+        [Site(layer=0, kind='resid_post', hook_name='blocks.0.hook_resid_post'), Site(layer=1, ...)]
+    """
+    adapter = as_adapter(model)
+    items = [sites] if isinstance(sites, (str, Site)) or (isinstance(sites, tuple) and len(sites) == 2 and isinstance(sites[0], int)) else list(sites)
+    if not items:
+        raise ValueError("no sites given: name at least one, e.g. sites='resid_post' or [(3, 'mlp_post')]")
+    out: list[Site] = []
+    for item in items:
+        if isinstance(item, Site):
+            adapter.hook_point(item.hook_name)
+            out.append(item)
+        elif isinstance(item, tuple):
+            layer, kind = item
+            name = adapter.hook_name(layer, kind)
+            out.append(Site(layer % adapter.n_layers, SITE_ALIASES.get(kind, kind), name))
+        elif isinstance(item, str) and (item in SITE_TEMPLATES or item in SITE_ALIASES):
+            kind = SITE_ALIASES.get(item, item)
+            out.extend(Site(layer, kind, adapter.hook_name(layer, kind)) for layer in range(adapter.n_layers))
+        elif isinstance(item, str) and "." not in item:
+            adapter.hook_name(0, item)  # not a site kind: raises with the closest valid site names
+        elif isinstance(item, str):
+            adapter.hook_point(item)  # raises with the closest valid names
+            out.append(_site_from_hook_name(item))
+        else:
+            raise TypeError(f"cannot read a site from {item!r}; use 'resid_post', (layer, 'mlp_post') or a hook name")
+    seen: dict[str, Site] = {}
+    for site in out:
+        seen.setdefault(site.hook_name, site)
+    return list(seen.values())
+
+
+def _site_from_hook_name(name: str) -> Site:
+    parts = name.split(".")
+    layer = int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else -1
+    for kind, template in SITE_TEMPLATES.items():
+        if layer >= 0 and template.format(layer=layer) == name:
+            return Site(layer, kind, name)
+    return Site(layer, "hook", name)
