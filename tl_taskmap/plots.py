@@ -1,0 +1,194 @@
+"""Figures of layer-by-layer results. Figures only: every number comes from ``LayerStats`` methods.
+
+Each function takes an optional matplotlib ``ax`` and returns the ``Figure``. Without ``ax`` a new
+figure is made on matplotlib's Agg canvas directly (``matplotlib.figure.Figure``, not pyplot), so
+nothing here changes the user's backend or pyplot state; save with ``fig.savefig("x.png")``.
+In Jupyter, end a cell with the returned figure to show it.
+
+Example:
+    >>> from tl_taskmap import plots
+    >>> fig = plots.plot_cka_boxes(stats, ("sft", "control"), by="cluster")   # doctest: +SKIP
+    >>> fig.savefig("cka_by_cluster.png")                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["plot_cka_boxes", "plot_cka_curves", "plot_dims_for_99", "plot_task_similarity", "plot_task_embedding"]
+
+SECTION_COLOURS = {"shared": "#9e9e9e", "transition": "#ff9800", "refinement": "#2196f3"}
+
+
+def _new_axes(ax: Any, figsize: tuple[float, float], n: int = 1) -> tuple[Any, list]:
+    """(figure, axes): the given ``ax`` (n must be 1), or a fresh Agg-backed figure with ``n`` panels."""
+    if ax is not None:
+        if n != 1:
+            raise ValueError(f"this figure needs {n} panels; pass ax=None to get a new figure.")
+        return ax.figure, [ax]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(figsize[0] * n, figsize[1]), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(1, n, i + 1) for i in range(n)]
+
+
+def _colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _pair_label(pair: Union[tuple[str, str], str]) -> str:
+    return pair if isinstance(pair, str) else f"{pair[0]} vs {pair[1]}"
+
+
+def plot_cka_boxes(stats: Any, pair: Union[tuple[str, str], str], *, estimator: str = "biased",
+                   site: Optional[str] = None, by: Optional[str] = None, ax: Any = None) -> Any:
+    """Box plot of one pair's CKA per layer across tasks; ``by="cluster"`` draws one box per cluster.
+
+    Example:
+        >>> fig = plot_cka_boxes(stats, ("base", "control"), by="cluster")   # doctest: +SKIP
+    """
+    table = stats.cka_by_task(pair, estimator, site)
+    layers = list(table.columns)
+    fig, (ax,) = _new_axes(ax, (max(4.0, 0.45 * len(layers) + 2), 3.5))
+    if by is None:
+        ax.boxplot([table[c].dropna().to_numpy() for c in layers], positions=np.arange(len(layers)), widths=0.6)
+    elif by == "cluster":
+        clusters = sorted(set(stats.clusters[t] for t in table.index))
+        width = 0.8 / len(clusters)
+        for i, (cluster, colour) in enumerate(zip(clusters, _colours(len(clusters)))):
+            rows = table.loc[[t for t in table.index if stats.clusters[t] == cluster]]
+            positions = np.arange(len(layers)) - 0.4 + width * (i + 0.5)
+            parts = ax.boxplot([rows[c].dropna().to_numpy() for c in layers], positions=positions, widths=width * 0.9,
+                               patch_artist=True, manage_ticks=False)
+            for box in parts["boxes"]:
+                box.set_facecolor(colour)
+            parts["boxes"][0].set_label(cluster)
+        ax.legend(title="cluster", fontsize="small")
+    else:
+        raise ValueError(f"by must be None or 'cluster', got {by!r}.")
+    ax.set_xticks(np.arange(len(layers)), [str(x) for x in layers])
+    ax.set(xlabel="layer", ylabel=f"CKA ({estimator})", title=f"CKA {_pair_label(pair)} across {len(table)} tasks")
+    return fig
+
+
+def plot_cka_curves(stats: Any, pairs: Optional[Sequence[Union[tuple[str, str], str]]] = None, *,
+                    estimator: str = "biased", site: Optional[str] = None, sections: Any = None,
+                    ax: Any = None) -> Any:
+    """Mean CKA per layer over tasks (band: min–max over tasks) for each pair, with optional section shading.
+
+    ``sections`` is a :class:`~tl_taskmap.stats.sections.LayerSections` (e.g. ``stats.sections()``);
+    its shared / transition / refinement spans are shaded.
+
+    Example:
+        >>> fig = plot_cka_curves(stats, [("sft", "control"), ("base", "control")], sections=stats.sections())  # doctest: +SKIP
+    """
+    pairs = list(stats.pairs if pairs is None else pairs)
+    fig, (ax,) = _new_axes(ax, (6.0, 3.5))
+    for pair, colour in zip(pairs, _colours(len(pairs))):
+        table = stats.cka_by_task(pair, estimator, site)
+        layers, values = np.asarray(table.columns), table.to_numpy(np.float64)
+        ax.plot(layers, values.mean(0), marker="o", color=colour, label=_pair_label(pair))
+        if len(table) > 1:
+            ax.fill_between(layers, values.min(0), values.max(0), color=colour, alpha=0.15, linewidth=0)
+    if sections is not None:
+        for name, colour in SECTION_COLOURS.items():
+            span = getattr(sections, name)
+            if span is not None:
+                ax.axvspan(span[0] - 0.5, span[1] + 0.5, color=colour, alpha=0.15, label=name, zorder=0)
+    ax.set(xlabel="layer", ylabel=f"CKA ({estimator})", title="CKA per layer (mean over tasks)")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_dims_for_99(stats: Any, models: Optional[Sequence[str]] = None, *, task: Optional[str] = None,
+                     site: Optional[str] = None, ax: Any = None) -> Any:
+    """Dimensions explaining 99% of the variance per layer, one line per model (band: min–max over tasks).
+
+    Example:
+        >>> fig = plot_dims_for_99(stats, ["sft", "base"])   # doctest: +SKIP
+    """
+    models = list(stats.models if models is None else models)
+    fig, (ax,) = _new_axes(ax, (6.0, 3.5))
+    for model, colour in zip(models, _colours(len(models))):
+        table = stats.spectrum_by_task(model, "dims_99", site)
+        if task is not None:
+            table = table.loc[[task]]
+        layers, values = np.asarray(table.columns), table.to_numpy(np.float64)
+        ax.plot(layers, values.mean(0), marker="o", color=colour, label=model)
+        if len(table) > 1:
+            ax.fill_between(layers, values.min(0), values.max(0), color=colour, alpha=0.15, linewidth=0)
+    ax.set(xlabel="layer", ylabel="dims for 99% variance",
+           title=f"Dimensions for 99% variance ({task or 'mean over tasks'})")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_task_similarity(stats_or_table: Any, layer: Optional[int] = None, *, model: Optional[str] = None,
+                         site: Optional[str] = None, centre: bool = False, ax: Any = None) -> Any:
+    """Heat map of task × task similarity (``stats.task_similarity(layer)``, or a given square DataFrame).
+
+    Tasks are ordered by cluster when a ``LayerStats`` is given.
+
+    Example:
+        >>> fig = plot_task_similarity(stats, layer=12, centre=True)   # doctest: +SKIP
+    """
+    if isinstance(stats_or_table, pd.DataFrame):
+        table, title = stats_or_table, "task similarity"
+    else:
+        if layer is None:
+            raise ValueError("give the layer whose task similarity to plot.")
+        table = stats_or_table.task_similarity(layer, model=model, site=site, centre=centre)
+        clusters = stats_or_table.clusters
+        order = sorted(table.index, key=lambda t: (clusters[t], list(table.index).index(t)))
+        table = table.loc[order, order]
+        title = f"cosine of {'centred ' if centre else ''}task means, {model or stats_or_table.models[0]}, layer {layer}"
+    n = len(table)
+    fig, (ax,) = _new_axes(ax, (max(3.5, 0.4 * n + 2), max(3.0, 0.4 * n + 1.5)))
+    image = ax.imshow(table.to_numpy(np.float64), cmap="viridis", vmin=-1 if centre else None, vmax=1)
+    ax.set_xticks(np.arange(n), [str(t) for t in table.columns], rotation=90)
+    ax.set_yticks(np.arange(n), [str(t) for t in table.index])
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig
+
+
+def plot_task_embedding(stats_or_frame: Any, layers: Union[int, Sequence[int], None] = None, *,
+                        model: Optional[str] = None, site: Optional[str] = None, method: str = "tsne",
+                        colour_by: str = "task", seed: int = 0, ax: Any = None, **kwargs: Any) -> Any:
+    """Scatter of the 2-D t-SNE (or PCA) embedding of sampled per-example representations, one panel per layer.
+
+    Coordinates come from ``stats.embedding(layer, ...)`` (or pass its DataFrame); points are
+    coloured by ``"task"`` or ``"cluster"``.
+
+    Example:
+        >>> fig = plot_task_embedding(stats, [0, 15, 29], model="sft", colour_by="cluster")   # doctest: +SKIP
+    """
+    if isinstance(stats_or_frame, pd.DataFrame):
+        frames = {None: stats_or_frame}
+    else:
+        if layers is None:
+            layers = stats_or_frame.meta.get("embedding_layers", [])
+        layers = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
+        if not layers:
+            raise ValueError("no layers with sampled representations; pass layers= or run with embedding_layers=.")
+        frames = {layer: stats_or_frame.embedding(layer, model=model, site=site, method=method, seed=seed, **kwargs)
+                  for layer in layers}
+    fig, axes = _new_axes(ax, (4.0, 3.6), n=len(frames))
+    for panel, (layer, frame) in zip(axes, frames.items()):
+        groups = list(dict.fromkeys(frame[colour_by]))
+        for group, colour in zip(groups, _colours(len(groups))):
+            rows = frame[frame[colour_by] == group]
+            panel.scatter(rows["x"], rows["y"], s=10, color=colour, label=str(group), alpha=0.8)
+        name = {"tsne": "t-SNE", "pca": "PCA"}.get(method, method) + ("" if model is None else f" of {model}")
+        panel.set(title=name + ("" if layer is None else f", layer {layer}"),
+                  xticks=[], yticks=[])
+    axes[-1].legend(title=colour_by, fontsize="small", markerscale=1.5)
+    return fig
