@@ -1,10 +1,18 @@
+import os
+
 import pytest
+import torch
 
 from tests import tiny_models
 
 
-def pytest_collection_modifyitems(config, items):
-    pass
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """One thread for the tiny-model tests (threading overhead dominates tiny ops); all cores for real-model tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1 if request.node.get_closest_marker("real_model") else 1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=tiny_models.MODEL_KINDS)
