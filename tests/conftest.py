@@ -10,7 +10,7 @@ from tests import tiny_models
 def _threads(request):
     """One thread for the tiny-model tests (threading overhead dominates tiny ops); all cores for real-model tests."""
     before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1 if request.node.get_closest_marker("real_model") else 1)
+    torch.set_num_threads((os.cpu_count() or 1) if request.node.get_closest_marker("real_model") else 1)
     yield
     torch.set_num_threads(before)
 

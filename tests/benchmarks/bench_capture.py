@@ -80,14 +80,33 @@ def memory_child(folder: str, n: int, words: int) -> None:
 
     from tl_taskmap.capture import capture
 
+    import threading
+
     model = TransformerBridge.boot_transformers(folder, device="cpu")
     model.eval()
     data = prompts(n, words)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    capture(model, data[:64], ["resid_post", "mlp_post"], "last", batch_size=32, progress=False)  # warm-up
+    base = current_rss_mb()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:  # ru_maxrss keeps the peak of model loading, so sample the live RSS instead
+        while not done.is_set():
+            peak[0] = max(peak[0], current_rss_mb())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     acts = capture(model, data, ["resid_post", "mlp_post"], "last", batch_size=32, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    done.set()
+    sampler.join()
     result_bytes = sum(t.numel() * t.element_size() for t in acts.values())
-    print(json.dumps({"n": n, "words": words, "peak_increase_mb": (peak - base) / 1024, "result_mb": result_bytes / 2**20}))
+    print(json.dumps({"n": n, "words": words, "peak_increase_mb": peak[0] - base, "result_mb": result_bytes / 2**20}))
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def memory(folder: Path, ns: list[int], word_lengths: list[int]) -> None:
