@@ -1,0 +1,182 @@
+"""Benchmark: one-pass grad × act relevance for all layers vs a plain forward+backward and vs per-layer passes.
+
+On the same model and batches, in one run:
+
+  (a) relevance     ``GradXActRelevance.add`` — one forward + one backward for every layer's mlp.hook_post
+  (b) plain         forward + ``loss.backward()`` on the parameters (the cost of one training step's gradients)
+  (c) naive         one forward + one backward per layer, each differentiating only that layer's activation
+                    (parameters frozen as in (a), so the difference is only the number of passes)
+
+It prints the median seconds of each (over ``--repeats`` after ``--warmup``), the ratio a/b (target
+≤ 1.10) and the speed-up c/a, and checks that (a) and (c) give the same scores.
+
+    python tests/benchmarks/bench_relevance.py                       # random LLaMA-shaped model, CPU, < 2 min
+    python tests/benchmarks/bench_relevance.py --layers 12 --d-mlp 2048 --batch 16 --seq 128
+    python tests/benchmarks/bench_relevance.py --model /path/to/hf_model_folder --device cuda
+
+The default model is a randomly initialised ``LlamaForCausalLM`` (6 layers, d_model 256, d_mlp 1024)
+saved with a small BPE tokenizer to a temp folder and loaded with ``TransformerBridge.boot_transformers``.
+CPU runs use one thread by default (``--threads``): on a shared machine several threads per process
+oversubscribe the cores and single timings then vary by 5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.tiny_models (the tokenizer)
+
+from tl_taskmap.evaluate import answer_nll  # noqa: E402
+from tl_taskmap.models import TokenBatch, as_adapter  # noqa: E402
+from tl_taskmap.neurons.relevance import GradXActRelevance, _relevance_mode, position_mask  # noqa: E402
+
+
+def build_random_llama(args: argparse.Namespace, folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny_models import tokenizer
+
+    tok = tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_mlp, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=max(args.seq, 64),
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_batches(adapter: Any, args: argparse.Namespace) -> list[TokenBatch]:
+    """Random tokens; the last ``--answer-len`` real tokens of each row are the answer. Every other row
+    is left-padded by a quarter of the sequence so padding is exercised."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(args.batches):
+        tokens = torch.randint(3, min(adapter.d_vocab, 320), (args.batch, args.seq), generator=generator)
+        mask = torch.ones(args.batch, args.seq, dtype=torch.long)
+        mask[1::2, : args.seq // 4] = 0
+        tokens[mask == 0] = 0
+        target = torch.zeros(args.batch, args.seq, dtype=torch.bool)
+        target[:, -args.answer_len :] = True
+        batches.append(TokenBatch(tokens, mask, target, "left"))
+    return batches
+
+
+def run_relevance(adapter: Any, batches: list[TokenBatch]) -> torch.Tensor:
+    estimator = GradXActRelevance(adapter)
+    for batch in batches:
+        estimator.add(batch)
+    return estimator.result_.sum_abs
+
+
+def run_plain(adapter: Any, batches: list[TokenBatch]) -> None:
+    model = adapter.model
+    model.eval()
+    for batch in batches:
+        loss = answer_nll(adapter.forward(batch), batch).sum()
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def run_naive(adapter: Any, batches: list[TokenBatch]) -> torch.Tensor:
+    scores = torch.zeros(adapter.n_layers, adapter.d_mlp, dtype=torch.float64)
+    for batch in batches:
+        weight = position_mask(batch.to(adapter.device), "answer").float()[..., None]
+        for layer in range(adapter.n_layers):
+            store = {}
+
+            def grab(act: torch.Tensor, hook: Any) -> torch.Tensor:
+                act = act if act.requires_grad else act.detach().requires_grad_(True)
+                store["act"] = act
+                return act
+
+            with _relevance_mode(adapter.model), adapter.hooks([(adapter.hook_name(layer, "mlp_post"), grab)]):
+                loss = answer_nll(adapter.forward(batch), batch).sum()
+                (grad,) = torch.autograd.grad(loss, store["act"])
+            scores[layer] += (grad * store["act"].detach() * weight).abs().sum((0, 1), dtype=torch.float64).cpu()
+    return scores
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a local Hugging Face model folder (default: a random LLaMA-shaped model)")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--d-mlp", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--answer-len", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=2, help="batches per timed run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--skip-naive", action="store_true", help="skip (c), which costs n_layers passes")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads; 1 by default because on a shared CPU more threads oversubscribe "
+                             "the cores and timings swing wildly; 0 keeps torch's choice")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with tempfile.TemporaryDirectory(prefix="bench_relevance_") as tmp:
+        folder = Path(args.model) if args.model else build_random_llama(args, Path(tmp))
+        model = TransformerBridge.boot_transformers(str(folder), device=args.device)
+    model.eval()
+    adapter = as_adapter(model)
+    device = adapter.device
+    batches = make_batches(adapter, args)
+    print(f"{adapter}\n{args.batches} batches of {args.batch} x {args.seq} tokens, answer {args.answer_len} tokens, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+
+    methods: dict[str, Callable[[], Any]] = {
+        "relevance (a)": lambda: run_relevance(adapter, batches),
+        "plain fwd+bwd (b)": lambda: run_plain(adapter, batches),
+    }
+    if not args.skip_naive:
+        methods["naive per-layer (c)"] = lambda: run_naive(adapter, batches)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    outputs: dict[str, Any] = {}
+    for repeat in range(args.warmup + args.repeats):
+        for name, fn in methods.items():  # interleaved, so load drift affects all methods alike
+            seconds, outputs[name] = timed(fn, device)
+            if repeat >= args.warmup:
+                times[name].append(seconds)
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name, value in medians.items():
+        spread = f"[{min(times[name]):.3f} .. {max(times[name]):.3f}]"
+        print(f"{name:<22} median {value:8.3f} s  {spread}")
+    a, b = medians["relevance (a)"], medians["plain fwd+bwd (b)"]
+    print(f"ratio a/b (relevance / plain forward+backward): {a / b:.3f}  (target <= 1.10)")
+    if "naive per-layer (c)" in medians:
+        c = medians["naive per-layer (c)"]
+        same = torch.allclose(outputs["relevance (a)"], outputs["naive per-layer (c)"], rtol=1e-4, atol=1e-6 * float(outputs["relevance (a)"].max()))
+        print(f"speed-up c/a (naive per-layer / one pass): {c / a:.2f}x  (same scores: {same})")
+
+
+if __name__ == "__main__":
+    main()
