@@ -1,0 +1,31 @@
+"""Task-specific neurons: relevance, neuron sets, overlap, parameter similarity, ablation, fine-tuning."""
+
+from .finetune import FinetuneResult, finetune, load_control_model, save_control_model, train_control_model, trainable_neurons
+from .ncft import ContinualResult, backward_transfer, compare_methods, continual_learning, forgetting_fg
+from .overlap import jaccard_matrix, overlap_sweep
+from .relevance import GradXActRelevance, RelevanceScores, relevance, relevance_by_task
+from .sets import NeuronSet
+from .similarity import parameter_similarity, parameter_similarity_matrix
+
+__all__ = [
+    "ContinualResult",
+    "FinetuneResult",
+    "GradXActRelevance",
+    "NeuronSet",
+    "RelevanceScores",
+    "backward_transfer",
+    "compare_methods",
+    "continual_learning",
+    "finetune",
+    "forgetting_fg",
+    "jaccard_matrix",
+    "load_control_model",
+    "overlap_sweep",
+    "parameter_similarity",
+    "parameter_similarity_matrix",
+    "relevance",
+    "relevance_by_task",
+    "save_control_model",
+    "train_control_model",
+    "trainable_neurons",
+]
