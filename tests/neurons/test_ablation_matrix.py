@@ -1,0 +1,236 @@
+"""ablation_matrix: shape, one baseline per task, own-set delta = direct evaluation, save/load, specificity, plot."""
+
+import json
+import math
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from tl_taskmap.evaluate import evaluate_task
+from tl_taskmap.models import as_adapter, hook_point_hook_counts, parameter_fingerprint
+from tl_taskmap.neurons import ablation_matrix as matrix_module
+from tl_taskmap.neurons.ablation import ablate
+from tl_taskmap.neurons.ablation_matrix import AblationMatrix, ablation_matrix, matched_random_sets, plot_ablation_matrix, specificity
+from tl_taskmap.neurons.sets import NeuronSet
+from tl_taskmap.tasks import Task
+
+PROMPTS = ["the quick brown fox", "a b c", "good movie", "0 1 2 + 3 =", "bad review", "Question: yes or no"]
+
+
+def tiny_tasks():
+    sentiment = Task.from_lists("sentiment", PROMPTS, [[" good", " bad"][i % 2] for i in range(6)], options=[" good", " bad"])
+    qa = Task.from_lists("qa", PROMPTS[::-1], [[" yes", " no", " maybe"][i % 3] for i in range(6)], options=[" yes", " no", " maybe"])
+    return [sentiment, qa]
+
+
+def task_sets(adapter):
+    # Global top-k of random scores: the two sets have different per-layer counts.
+    gen = torch.Generator().manual_seed(0)
+    return {
+        name: NeuronSet.top_k(torch.rand(adapter.n_layers, adapter.d_mlp, generator=gen), 0.4, per_layer=False, name=name)
+        for name in ("sentiment", "qa")
+    }
+
+
+def counting(monkeypatch, model):
+    """Wrap evaluate_task in the matrix module; record (task, whether an ablation hook is on)."""
+    calls = []
+    real = matrix_module.evaluate_task
+    clean = hook_point_hook_counts(model)
+
+    def wrapped(m, task, **kwargs):
+        calls.append((task.name, hook_point_hook_counts(model) != clean))
+        return real(m, task, **kwargs)
+
+    monkeypatch.setattr(matrix_module, "evaluate_task", wrapped)
+    return calls
+
+
+@pytest.fixture
+def warm_llama(bridge_llama):
+    a = as_adapter(bridge_llama)
+    a.forward(a.tokenize(["warm up"]))  # the bridge adds internal hooks on its first pass
+    return bridge_llama
+
+
+def test_matrix_shape_baselines_once_and_own_delta(warm_llama, monkeypatch):
+    model, tasks = warm_llama, tiny_tasks()
+    sets = task_sets(as_adapter(model))
+    assert sets["sentiment"].counts_per_layer() != sets["qa"].counts_per_layer()
+    fingerprint, hooks = parameter_fingerprint(model), hook_point_hook_counts(model)
+    calls = counting(monkeypatch, model)
+    matrix = ablation_matrix(model, tasks, sets, seeds=2, batch_size=4, progress=False)
+    baseline_calls = [name for name, ablating in calls if not ablating]
+    assert sorted(baseline_calls) == ["qa", "sentiment"]  # each baseline exactly once
+    assert len(calls) == 2 + (2 + 2 * 2) * 2 == matrix.meta["n_evaluations"]
+    assert parameter_fingerprint(model) == fingerprint and hook_point_hook_counts(model) == hooks
+
+    df = matrix.to_dataframe()
+    assert list(df.columns[:11]) == ["ablated_set", "kind", "seed", "evaluated_task", "metric", "baseline", "ablated",
+                                     "delta", "loss_delta", "ci_low", "ci_high"]
+    assert len(df) == 2 * 2 + 2 * 2 * 2
+    assert df.query("kind == 'task'")["seed"].isna().all() and set(df.query("kind == 'random'")["seed"]) == {0, 1}
+    assert ((df["ci_low"] <= df["delta"] + 1e-12) & (df["delta"] <= df["ci_high"] + 1e-12)).all()
+    table = matrix.delta_table()
+    assert table.shape == (4, 2)
+    assert list(table.index) == ["sentiment", "qa", "random(sentiment)", "random(qa)"]
+    assert list(table.columns) == ["sentiment", "qa"]
+
+    # Own-set cell equals a direct evaluation inside ablate.
+    monkeypatch.undo()
+    task = tasks[0]
+    base = evaluate_task(model, task, batch_size=4)
+    with ablate(model, sets["sentiment"]):
+        direct = evaluate_task(model, task, batch_size=4)
+    cell = df.query("ablated_set == 'sentiment' and kind == 'task' and evaluated_task == 'sentiment'").iloc[0]
+    assert cell["delta"] == pytest.approx(direct.metric_value - base.metric_value)
+    assert cell["loss_delta"] == pytest.approx(direct.loss - base.loss, abs=1e-6)
+    assert cell["loss_delta"] != 0
+    assert table.loc["sentiment", "sentiment"] == pytest.approx(cell["delta"])
+
+    # Random rows: the same per-layer counts as their task set; averaged cell = mean over seeds.
+    for name, neurons in sets.items():
+        assert all(r.counts_per_layer() == neurons.counts_per_layer() for r in matched_random_sets(neurons, [0, 1]))
+        per_seed = df.query("ablated_set == @name and kind == 'random' and evaluated_task == 'qa'")
+        assert table.loc[f"random({name})", "qa"] == pytest.approx(per_seed["delta"].mean())
+        assert (per_seed["n_neurons"] == len(neurons)).all()
+    cells = matrix.to_dataframe(per_seed=False)
+    assert len(cells) == 8 and cells["seed"].isna().all()
+    rand = cells.query("kind == 'random'")
+    assert ((rand["ci_low"] <= rand["delta"] + 1e-12) & (rand["delta"] <= rand["ci_high"] + 1e-12)).all()
+
+
+def test_random_sets_reproducible_and_identical_sets_evaluated_once(warm_llama, monkeypatch):
+    model, tasks = warm_llama, tiny_tasks()
+    a = as_adapter(model)
+    one = NeuronSet(a.n_layers, a.d_mlp, {0: [1, 2], 2: [5]}, name="sentiment")
+    same_counts = NeuronSet(a.n_layers, a.d_mlp, {0: [3, 4], 2: [6]}, name="qa")
+    assert matched_random_sets(one, [0, 1]) == matched_random_sets(one, [0, 1])
+    assert matched_random_sets(one, [0, 1]) != matched_random_sets(one, [2, 3])
+    calls = counting(monkeypatch, model)
+    matrix = ablation_matrix(model, tasks, {"sentiment": one, "qa": same_counts}, seeds=[0, 1], progress=False)
+    # Equal counts + equal seed = the same random set: 2 task sets + 2 shared random sets, 2 tasks each.
+    assert len(calls) == 2 + 4 * 2
+    df = matrix.to_dataframe()
+    a_rows = df.query("ablated_set == 'sentiment' and kind == 'random'").reset_index(drop=True)
+    b_rows = df.query("ablated_set == 'qa' and kind == 'random'").reset_index(drop=True)
+    pd.testing.assert_series_equal(a_rows["ablated"], b_rows["ablated"])
+
+
+def test_empty_set_row_is_the_baseline(warm_llama, monkeypatch):
+    model, tasks = warm_llama, tiny_tasks()
+    a = as_adapter(model)
+    calls = counting(monkeypatch, model)
+    matrix = ablation_matrix(model, tasks, {"sentiment": NeuronSet.empty(a.n_layers, a.d_mlp)}, seeds=1, progress=False)
+    assert len(calls) == 2  # baselines only
+    assert (matrix.to_dataframe()["delta"] == 0).all()
+
+
+def test_matrix_params_mode_matches_zero_mode(any_model):
+    a = as_adapter(any_model)
+    a.forward(a.tokenize(["warm up"]))
+    tasks, sets = tiny_tasks(), task_sets(a)
+    zero = ablation_matrix(any_model, tasks, sets, seeds=1, progress=False).to_dataframe()
+    params = ablation_matrix(any_model, tasks, sets, seeds=1, mode="params", progress=False).to_dataframe()
+    pd.testing.assert_series_equal(zero["delta"], params["delta"])
+    np.testing.assert_allclose(zero["loss_delta"], params["loss_delta"], atol=1e-5)
+
+
+def test_errors_before_any_evaluation(warm_llama, monkeypatch):
+    model, tasks = warm_llama, tiny_tasks()
+    a = as_adapter(model)
+    calls = counting(monkeypatch, model)
+    good = NeuronSet(a.n_layers, a.d_mlp, {0: [1]})
+    with pytest.raises(ValueError, match=r"neuron_sets\['bad'\].*d_mlp=7.*\(layer 0\)"):
+        ablation_matrix(model, tasks, {"good": good, "bad": NeuronSet(a.n_layers, 7)}, progress=False)
+    with pytest.raises(ValueError, match="needs mean_activations"):
+        ablation_matrix(model, tasks, {"good": good}, mode="mean", progress=False)
+    with pytest.raises(ValueError, match="neuron_sets is empty"):
+        ablation_matrix(model, tasks, {}, progress=False)
+    with pytest.raises(ValueError, match="distinct"):
+        ablation_matrix(model, tasks, {"good": good}, seeds=[1, 1], progress=False)
+    assert calls == []
+
+
+@pytest.fixture
+def small_matrix(warm_llama):
+    return ablation_matrix(warm_llama, tiny_tasks(), task_sets(as_adapter(warm_llama)), seeds=3, progress=False)
+
+
+def test_save_load_round_trip(small_matrix, tmp_path):
+    path = tmp_path / "matrix.json"
+    small_matrix.save(path)
+    loaded = AblationMatrix.load(path)
+    pd.testing.assert_frame_equal(loaded.to_dataframe(), small_matrix.to_dataframe())
+    pd.testing.assert_frame_equal(loaded.delta_table(), small_matrix.delta_table())
+    assert loaded.mode == "zero" and loaded.seeds == [0, 1, 2]
+    payload = json.loads(path.read_text())
+    payload["format_version"] = 99
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="format_version=99"):
+        AblationMatrix.load(path)
+    path.write_text(json.dumps({"something": "else"}))
+    with pytest.raises(ValueError, match="not a saved AblationMatrix"):
+        AblationMatrix.load(path)
+    assert "AblationMatrix(mode='zero'" in repr(small_matrix) and "random(qa)" in repr(small_matrix)
+
+
+def test_specificity(small_matrix):
+    spec = specificity(small_matrix)
+    assert list(spec.columns) == ["task", "metric", "baseline", "own_drop", "random_drop", "other_drop", "vs_random",
+                                  "vs_random_low", "vs_random_high", "vs_other", "vs_other_low", "vs_other_high",
+                                  "loss_vs_random", "loss_vs_other"]
+    assert list(spec["task"]) == ["sentiment", "qa"]
+    df = small_matrix.to_dataframe()
+    for _, row in spec.iterrows():
+        t = row["task"]
+        here = df.query("evaluated_task == @t")
+        own = -here.query("ablated_set == @t and kind == 'task'")["delta"].item()
+        rand = -here.query("ablated_set == @t and kind == 'random'")["delta"].mean()
+        other = -here.query("ablated_set != @t and kind == 'task'")["delta"].mean()
+        assert row["own_drop"] == pytest.approx(own) and row["random_drop"] == pytest.approx(rand)
+        assert row["vs_random"] == pytest.approx(own - rand) and row["vs_other"] == pytest.approx(own - other)
+        assert row["vs_random_low"] <= row["vs_random"] + 1e-9 <= row["vs_random_high"] + 2e-9
+        assert row["vs_other_low"] <= row["vs_other"] + 1e-9 <= row["vs_other_high"] + 2e-9
+        own_loss = here.query("ablated_set == @t and kind == 'task'")["loss_delta"].item()
+        rand_loss = here.query("ablated_set == @t and kind == 'random'")["loss_delta"].mean()
+        assert row["loss_vs_random"] == pytest.approx(own_loss - rand_loss)
+    pd.testing.assert_frame_equal(small_matrix.specificity(), spec)
+
+
+def test_specificity_without_random_or_other_rows(warm_llama):
+    tasks = tiny_tasks()
+    sets = task_sets(as_adapter(warm_llama))
+    matrix = ablation_matrix(warm_llama, tasks, {"qa": sets["qa"]}, seeds=0, progress=False)
+    spec = specificity(matrix)
+    assert list(spec["task"]) == ["qa"]
+    assert math.isnan(spec["vs_random"].item()) and math.isnan(spec["vs_other"].item())
+    assert matrix.delta_table().shape == (1, 2)
+
+
+def test_plot(small_matrix):
+    import matplotlib.pyplot as plt
+
+    ax = plot_ablation_matrix(small_matrix)
+    assert len(ax.images) == 1
+    image = ax.images[0].get_array()
+    np.testing.assert_allclose(np.asarray(image), small_matrix.delta_table().to_numpy(dtype=float))
+    assert [t.get_text() for t in ax.get_yticklabels()] == small_matrix.row_labels()
+    lo, hi = ax.images[0].get_clim()
+    assert lo == -hi  # centred on zero
+    assert small_matrix.plot(value="loss_delta") is not None
+    plt.close("all")
+
+
+def test_mean_mode_with_zero_means_equals_zero_mode(warm_llama):
+    a = as_adapter(warm_llama)
+    tasks, sets = tiny_tasks(), task_sets(a)
+    zero = ablation_matrix(warm_llama, tasks, sets, seeds=1, progress=False)
+    mean = ablation_matrix(warm_llama, tasks, sets, seeds=1, mode="mean", mean_activations=torch.zeros(a.n_layers, a.d_mlp), progress=False)
+    assert mean.mode == "mean"
+    pd.testing.assert_frame_equal(zero.to_dataframe(), mean.to_dataframe())

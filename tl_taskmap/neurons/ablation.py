@@ -1,0 +1,380 @@
+"""Deactivating FFN neurons: ``with ablate(model, neurons): ...`` and its effect on tasks.
+
+Leng & Xiong (2024) deactivate task-specific neurons "by setting the activation value of these
+neurons to zero or by directly setting the corresponding parameter to zero". :func:`ablate` does
+either, for a :class:`~tl_taskmap.neurons.sets.NeuronSet`, and always restores the model:
+
+* ``mode="zero"``: a hook on each layer's ``mlp.hook_post`` (the FFN hidden layer, the input of the
+  output projection) sets the neurons' activations to 0.
+* ``mode="mean"``: the same hook sets them to their mean activation (``mean_activations``, measured on
+  a reference set with :func:`mean_activations`).
+* ``mode="params"``: the neurons' input weights, gate weights (gated MLPs), input biases and output
+  weights are zeroed in place, and written back bit for bit on exit.
+
+``"zero"`` and ``"params"`` give the same logits: a zeroed output row removes the neuron's contribution
+whatever its activation. With the input side zeroed too, the neuron's pre-activation is exactly 0, so
+its ``hook_post`` value is ``act(0) = 0`` for GELU (all variants), SiLU and ReLU (and ``act(0) · 0`` for
+gated MLPs): activations read inside either context agree as well. SoLU's LayerNorm mixes neurons,
+so ``"params"`` refuses SoLU models.
+
+Example:
+    >>> from tl_taskmap.neurons.ablation import ablate, ablation_effect
+    >>> with ablate(model, task_neurons, mode="zero"):          # doctest: +SKIP
+    ...     logits = model("The movie was great")
+    >>> ablation_effect(model, task, task_neurons).delta         # doctest: +SKIP
+    -0.24
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_taskmap.capture import Capturer, iter_batches
+from tl_taskmap.evaluate import TaskScore, bootstrap_interval, evaluate_task
+from tl_taskmap.models import SITE_TEMPLATES, ModelAdapter, TokenBatch, as_adapter
+from tl_taskmap.neurons.sets import NeuronSet
+from tl_taskmap.tasks import Task, TaskSuite, as_suite
+
+AblationMode = Literal["zero", "mean", "params"]
+MODES = ("zero", "mean", "params")
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """What :func:`ablate` yields: the model's adapter, the ablated set and how it is ablated.
+
+    Attributes:
+        adapter: The model's :class:`~tl_taskmap.models.ModelAdapter` (``.forward``, ``.tokenize``, ...).
+        neurons: The ablated neurons.
+        mode: ``"zero"``, ``"mean"`` or ``"params"``.
+        hook_names: The hook points carrying an ablation hook (empty for ``"params"`` and empty sets).
+    """
+
+    adapter: ModelAdapter
+    neurons: NeuronSet
+    mode: str
+    hook_names: tuple[str, ...]
+
+    @property
+    def model(self) -> Any:
+        return self.adapter.model
+
+
+def check_neuron_set(model: Any, neurons: NeuronSet) -> ModelAdapter:
+    """Raise a ValueError naming the layer and sizes unless ``neurons`` fits ``model``; return its adapter.
+
+    Example:
+        >>> check_neuron_set(model, NeuronSet.empty(3, 48))   # doctest: +SKIP
+    """
+    adapter = as_adapter(model)
+    if not isinstance(neurons, NeuronSet):
+        raise TypeError(f"expected a NeuronSet, got {type(neurons).__name__}")
+    if adapter.d_mlp is None:
+        raise ValueError("the model has no MLP neurons (cfg.d_mlp is unset); there is nothing to ablate")
+    try:
+        neurons.check_compatible(adapter.n_layers, adapter.d_mlp)
+    except ValueError as err:
+        label = f" {neurons.name!r}" if neurons.name else ""
+        raise ValueError(f"cannot ablate NeuronSet{label} on this model: {err}. Build the set for this model.") from None
+    return adapter
+
+
+def _check_means(adapter: ModelAdapter, means: Any) -> Tensor:
+    if means is None:
+        raise ValueError("mode='mean' needs mean_activations=[n_layers, d_mlp]; measure them with mean_activations(model, reference_prompts)")
+    means = torch.as_tensor(means).detach()
+    expected = (adapter.n_layers, adapter.d_mlp)
+    if tuple(means.shape) != expected:
+        raise ValueError(f"mean_activations has shape {tuple(means.shape)}, expected (n_layers, d_mlp) = {expected}")
+    if not means.is_floating_point() or not bool(torch.isfinite(means).all()):
+        raise ValueError("mean_activations must be finite floating-point values")
+    return means
+
+
+@contextlib.contextmanager
+def ablate(
+    model: Any,
+    neurons: NeuronSet,
+    mode: AblationMode = "zero",
+    *,
+    mean_activations: Optional[Float[Tensor, "n_layers d_mlp"]] = None,
+) -> Iterator[Ablation]:
+    """Deactivate ``neurons`` for the duration of a ``with`` block; the model is restored exactly on exit.
+
+    Everything is validated before the model is touched. On exit, also on an exception or
+    KeyboardInterrupt, the ablation hooks are removed and zeroed parameters are written back bit for
+    bit. Contexts nest (inner ones are undone first) and compose with ``model.hooks(...)``: at a
+    ``hook_post`` point, hooks added before the ablation see the activation before it is replaced,
+    hooks added inside the block see the ablated one. An empty set is an exact no-op.
+
+    Args:
+        model: A HookedTransformer, TransformerBridge or ModelAdapter.
+        neurons: The neurons to deactivate, built for this model's ``(n_layers, d_mlp)``.
+        mode: ``"zero"`` (activations set to 0, default), ``"mean"`` (set to ``mean_activations``) or
+            ``"params"`` (input, gate and output weights and input bias set to 0 in place).
+        mean_activations: Per-neuron values for ``mode="mean"``, from :func:`mean_activations`.
+
+    Yields:
+        An :class:`Ablation` handle (``.adapter``, ``.neurons``, ``.mode``, ``.hook_names``).
+
+    Raises:
+        ValueError: a set built for another model shape (naming the layer and sizes), a bad mode,
+            missing or misshapen means, or ``"params"`` on a SoLU model.
+
+    Example:
+        >>> with ablate(model, NeuronSet(3, 48, {1: [0, 5]}), mode="params") as handle:   # doctest: +SKIP
+        ...     logits = handle.adapter.forward(batch)
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown ablation mode {mode!r}: use one of {MODES}")
+    adapter = check_neuron_set(model, neurons)
+    means = _check_means(adapter, mean_activations) if mode == "mean" else None
+    if mode != "mean" and mean_activations is not None:
+        raise ValueError(f"mean_activations is only used with mode='mean', not mode={mode!r}")
+    if mode == "params":
+        with _zeroed_params(adapter, neurons):
+            yield Ablation(adapter, neurons, mode, ())
+        return
+    masks = neurons.to_mask()
+    points = adapter.model.hook_dict  # read once: some bridges rebuild it (with aliases) on every access
+    hooks = []
+    for layer in neurons.layers():
+        name = SITE_TEMPLATES["mlp_post"].format(layer=layer)
+        if name not in points:
+            adapter.hook_point(name)  # raises, naming the closest hook points
+        hooks.append((name, points[name], _replace_hook(masks[layer], None if means is None else means[layer], layer)))
+    handles = []
+    try:
+        for _, point, fn in hooks:
+            handles.append(point.register_forward_hook(fn))
+        yield Ablation(adapter, neurons, mode, tuple(name for name, _, _ in hooks))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _replace_hook(mask: Tensor, fill: Optional[Tensor], layer: int) -> Callable[..., Tensor]:
+    """A plain torch forward hook (so its handle is ours alone) replacing the neurons' activations."""
+    # Masks (and means) are moved to the activation's device and dtype once, on first use.
+    cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Optional[Tensor]]] = {}
+
+    def hook(module: torch.nn.Module, inputs: Any, act: Tensor) -> Tensor:
+        if act.shape[-1] != mask.shape[0]:
+            raise ValueError(f"layer {layer}: mlp.hook_post has {act.shape[-1]} neurons, the NeuronSet expects d_mlp={mask.shape[0]}")
+        key = (act.device, act.dtype)
+        if key not in cache:
+            cache[key] = (mask.to(act.device), None if fill is None else fill.to(act.device, act.dtype))
+        on_device, value = cache[key]
+        # Out of place, so autograd through the replaced activation stays valid.
+        return act.masked_fill(on_device, 0) if value is None else torch.where(on_device, value, act)
+
+    return hook
+
+
+@contextlib.contextmanager
+def _zeroed_params(adapter: ModelAdapter, neurons: NeuronSet) -> Iterator[None]:
+    act_fn = str(getattr(adapter.model.cfg, "act_fn", "") or "").lower()
+    if "solu" in act_fn:
+        raise ValueError(f"mode='params' is not exact for act_fn={act_fn!r} (its LayerNorm mixes neurons); use mode='zero'")
+    # Save every slice before changing anything, so an interruption at any point restores cleanly.
+    saved = []
+    for layer in neurons.layers():
+        index = neurons.indices(layer)
+        for p in adapter.neuron_params(layer):
+            on_device = index.to(p.param.device)
+            saved.append((p.param, p.dim, on_device, p.param.detach().index_select(p.dim, on_device)))
+    try:
+        with torch.no_grad():
+            for param, dim, index, _ in saved:
+                param.index_fill_(dim, index, 0)
+        yield
+    finally:
+        with torch.no_grad():
+            for param, dim, index, original in reversed(saved):  # reversed: shared tensors end up original
+                param.index_copy_(dim, index, original)
+
+
+# ---------------------------------------------------------------------------- mean activations
+def mean_activations(
+    model: Any,
+    prompts_or_task: Sequence[str] | Task | TaskSuite | Sequence[Task],
+    *,
+    batch_size: int = 8,
+    prepend_bos: Optional[bool] = None,
+    progress: bool = False,
+) -> Float[Tensor, "n_layers d_mlp"]:
+    """Mean ``mlp.hook_post`` activation of every neuron over all real tokens of a reference set.
+
+    Every real (non-padding) token of every prompt counts once, BOS included; for tasks the prompts
+    are used (not the targets). The activations are streamed through
+    :class:`~tl_taskmap.capture.Capturer` and summed in float64, so memory does not grow with the set.
+    Hooks already on the model apply; measure outside any ablation.
+
+    Returns:
+        float32 means on the CPU, ready for ``ablate(..., mode="mean", mean_activations=...)``.
+
+    Example:
+        >>> means = mean_activations(model, reference_task)                                  # doctest: +SKIP
+        >>> with ablate(model, neurons, mode="mean", mean_activations=means): ...           # doctest: +SKIP
+    """
+    prompts = _prompts_of(prompts_or_task)
+    adapter = as_adapter(model)
+    capturer = Capturer(adapter, "mlp_post", reduce=_token_sum, prepend_bos=prepend_bos, stop_early=False)
+    total = torch.zeros(adapter.n_layers, adapter.d_mlp or 0, dtype=torch.float64)
+    n_tokens = 0
+    n_batches = math.ceil(len(prompts) / batch_size)
+    for _, chunk in tqdm(iter_batches(prompts, batch_size), total=n_batches, disable=not progress, desc="mean activations", leave=False):
+        batch = capturer.tokenize(chunk)
+        sums = capturer.run_batch(batch)
+        for site, value in sums.items():
+            total[site.layer] += value.sum(0).cpu()
+        n_tokens += int(batch.attention_mask.sum())
+    return (total / n_tokens).float()
+
+
+def _token_sum(acts: Tensor, batch: TokenBatch) -> Tensor:
+    weights = batch.attention_mask.to(acts.device, torch.float64).unsqueeze(-1)
+    return (acts.double() * weights).sum(1)
+
+
+def _prompts_of(source: Any) -> list[str]:
+    if isinstance(source, str):
+        raise TypeError("pass a list of prompts (or a Task), not a single string")
+    if isinstance(source, (Task, TaskSuite)) or (isinstance(source, Sequence) and source and isinstance(source[0], Task)):
+        return [p for task in as_suite(source) for p in task.prompts]
+    prompts = list(source)
+    if not prompts:
+        raise ValueError("no reference prompts: pass at least one prompt or a Task")
+    return prompts
+
+
+# ---------------------------------------------------------------------------- effects
+@dataclass
+class AblationEffect:
+    """A task's score with and without an ablation.
+
+    Attributes:
+        baseline: The unablated :class:`~tl_taskmap.evaluate.TaskScore`.
+        ablated: The score inside the ablation context.
+        neurons: Name of the ablated set (may be None). mode: the ablation mode.
+    """
+
+    baseline: TaskScore
+    ablated: TaskScore
+    neurons: Optional[str] = None
+    mode: str = "zero"
+
+    @property
+    def task(self) -> str:
+        return self.baseline.task
+
+    @property
+    def metric(self) -> str:
+        return self.baseline.metric
+
+    @property
+    def delta(self) -> float:
+        """Metric change, ablated − baseline (negative: the ablation hurts)."""
+        return self.ablated.metric_value - self.baseline.metric_value
+
+    @property
+    def loss_delta(self) -> float:
+        """Answer-loss change, ablated − baseline (positive: the ablation hurts)."""
+        return self.ablated.loss - self.baseline.loss
+
+    def interval(self, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+        """Paired per-example bootstrap interval of :attr:`delta`."""
+        return paired_delta_interval(self.baseline.per_example, self.ablated.per_example, n_boot=n_boot, alpha=alpha, seed=seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        low, high = self.interval()
+        return {
+            "task": self.task, "metric": self.metric, "ablated_set": self.neurons, "mode": self.mode,
+            "baseline": self.baseline.metric_value, "ablated": self.ablated.metric_value, "delta": self.delta,
+            "baseline_loss": self.baseline.loss, "ablated_loss": self.ablated.loss, "loss_delta": self.loss_delta,
+            "ci_low": low, "ci_high": high,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"AblationEffect({self.task!r}, {self.metric}: {self.baseline.metric_value:.3f} → {self.ablated.metric_value:.3f} "
+            f"(Δ {self.delta:+.3f}), loss Δ {self.loss_delta:+.3f}, mode={self.mode!r})"
+        )
+
+
+def paired_delta_interval(
+    baseline: Sequence[float], ablated: Sequence[float], *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
+    """Bootstrap interval of ``mean(ablated) − mean(baseline)`` resampling examples (paired).
+
+    Example:
+        >>> paired_delta_interval([1, 1, 0, 1], [0, 1, 0, 0])   # doctest: +SKIP
+        (-1.0, 0.0)
+    """
+    if len(baseline) != len(ablated):
+        raise ValueError(f"paired scores differ in length: {len(baseline)} baseline vs {len(ablated)} ablated examples")
+    return bootstrap_interval([a - b for a, b in zip(ablated, baseline)], n_boot=n_boot, alpha=alpha, seed=seed)
+
+
+def ablation_effect(
+    model: Any,
+    task: Task,
+    neurons: NeuronSet,
+    mode: AblationMode = "zero",
+    *,
+    mean_activations: Optional[Float[Tensor, "n_layers d_mlp"]] = None,
+    baseline: Optional[TaskScore] = None,
+    batch_size: int = 8,
+    **eval_kwargs: Any,
+) -> AblationEffect:
+    """Score ``task`` with and without ablating ``neurons`` (loss and the task's metric).
+
+    The metric is the task's own (see :mod:`tl_taskmap.evaluate`): accuracy by option likelihood for
+    multiple choice, greedy exact match or ROUGE-L for generation. Pass ``baseline`` to reuse an
+    unablated score. Extra keyword arguments go to :func:`~tl_taskmap.evaluate.evaluate_task`.
+
+    Example:
+        >>> effect = ablation_effect(model, sst2, sets["sst2"])   # doctest: +SKIP
+        >>> effect.delta, effect.loss_delta, effect.interval()     # doctest: +SKIP
+    """
+    check_neuron_set(model, neurons)
+    if baseline is None:
+        baseline = evaluate_task(model, task, batch_size=batch_size, **eval_kwargs)
+    with ablate(model, neurons, mode, mean_activations=mean_activations):
+        ablated = evaluate_task(model, task, batch_size=batch_size, **eval_kwargs)
+    return AblationEffect(baseline, ablated, neurons.name, mode)
+
+
+def ablation_effects(
+    model: Any,
+    tasks: Task | Sequence[Task] | TaskSuite,
+    neurons: NeuronSet,
+    mode: AblationMode = "zero",
+    *,
+    mean_activations: Optional[Float[Tensor, "n_layers d_mlp"]] = None,
+    batch_size: int = 8,
+    **eval_kwargs: Any,
+) -> pd.DataFrame:
+    """One ablation, every task: a DataFrame of :meth:`AblationEffect.to_dict` rows.
+
+    Columns: task, metric, ablated_set, mode, baseline, ablated, delta, baseline_loss, ablated_loss,
+    loss_delta, ci_low, ci_high (paired per-example bootstrap of delta).
+
+    Example:
+        >>> ablation_effects(model, suite, sets["sst2"])   # doctest: +SKIP
+    """
+    suite = as_suite(tasks)
+    check_neuron_set(model, neurons)
+    baselines = [evaluate_task(model, t, batch_size=batch_size, **eval_kwargs) for t in suite]
+    with ablate(model, neurons, mode, mean_activations=mean_activations):
+        ablated = [evaluate_task(model, t, batch_size=batch_size, **eval_kwargs) for t in suite]
+    return pd.DataFrame([AblationEffect(b, a, neurons.name, mode).to_dict() for b, a in zip(baselines, ablated)])
