@@ -206,12 +206,21 @@ class ModelAdapter:
         if not -self.n_layers <= layer < self.n_layers:
             raise ValueError(f"layer {layer} is out of range for a model with n_layers={self.n_layers}")
         name = SITE_TEMPLATES[canonical].format(layer=layer % self.n_layers)
-        self.hook_point(name)  # validates that the model has it
+        if name not in self._hook_names:
+            self.hook_point(name)  # raises, listing the closest valid names
         return name
 
-    def hook_point(self, name: str) -> torch.nn.Module:
+    @property
+    def _hook_names(self) -> frozenset[str]:
+        # The bridge rebuilds hook_dict on every access (~1 ms); hook names never change, so keep them.
+        names = self.__dict__.get("_hook_name_cache")
+        if names is None:
+            names = self.__dict__["_hook_name_cache"] = frozenset(self.model.hook_dict)
+        return names
+
+    def hook_point(self, name: str, hook_dict: Optional[dict[str, Any]] = None) -> torch.nn.Module:
         """The HookPoint module called ``name``; unknown names list the closest valid ones."""
-        hooks = self.model.hook_dict
+        hooks = self.model.hook_dict if hook_dict is None else hook_dict
         if name not in hooks:
             close = difflib.get_close_matches(name, list(hooks), n=5, cutoff=0.5)
             hint = f" Closest valid hook names: {close}." if close else ""
@@ -232,9 +241,10 @@ class ModelAdapter:
             ...     logits = adapter.forward(batch)
         """
         handles = []
+        hook_dict = self.model.hook_dict if fwd_hooks else {}
         try:
             for name, fn in fwd_hooks:
-                hp = self.hook_point(name)
+                hp = self.hook_point(name, hook_dict)
                 handles.append(hp.register_forward_hook(_wrap_hook(fn, hp, name)))
             yield
         finally:

@@ -1,5 +1,7 @@
 """Task-specific neurons: relevance, neuron sets, overlap, parameter similarity, ablation, fine-tuning."""
 
+from .ablation import AblationEffect, ablate, ablation_effect, ablation_effects, mean_activations
+from .ablation_matrix import AblationMatrix, ablation_matrix, matched_random_sets, plot_ablation_matrix, specificity
 from .finetune import FinetuneResult, finetune, load_control_model, save_control_model, train_control_model, trainable_neurons
 from .ncft import ContinualResult, backward_transfer, compare_methods, continual_learning, forgetting_fg
 from .overlap import jaccard_matrix, overlap_sweep
@@ -8,6 +10,16 @@ from .sets import NeuronSet
 from .similarity import parameter_similarity, parameter_similarity_matrix
 
 __all__ = [
+    "AblationEffect",
+    "AblationMatrix",
+    "ablate",
+    "ablation_effect",
+    "ablation_effects",
+    "ablation_matrix",
+    "matched_random_sets",
+    "mean_activations",
+    "plot_ablation_matrix",
+    "specificity",
     "ContinualResult",
     "FinetuneResult",
     "GradXActRelevance",
