@@ -1,5 +1,6 @@
 """ablation_matrix: shape, one baseline per task, own-set delta = direct evaluation, save/load, specificity, plot."""
 
+import importlib
 import json
 import math
 
@@ -13,11 +14,13 @@ matplotlib.use("Agg")
 
 from tl_taskmap.evaluate import evaluate_task
 from tl_taskmap.models import as_adapter, hook_point_hook_counts, parameter_fingerprint
-from tl_taskmap.neurons import ablation_matrix as matrix_module
 from tl_taskmap.neurons.ablation import ablate
 from tl_taskmap.neurons.ablation_matrix import AblationMatrix, ablation_matrix, matched_random_sets, plot_ablation_matrix, specificity
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task
+
+# The package re-exports the function ablation_matrix under the module's name, so fetch the module itself.
+matrix_module = importlib.import_module("tl_taskmap.neurons.ablation_matrix")
 
 PROMPTS = ["the quick brown fox", "a b c", "good movie", "0 1 2 + 3 =", "bad review", "Question: yes or no"]
 

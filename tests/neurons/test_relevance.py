@@ -274,7 +274,8 @@ def test_errors(bridge_gpt2):
 def test_model_without_mlp_hook_post_names_it(bridge_gpt2, monkeypatch):
     adapter = as_adapter(bridge_gpt2)
     hooks = {k: v for k, v in adapter.model.hook_dict.items() if not k.endswith("mlp.hook_post")}
-    monkeypatch.setattr(type(adapter), "hook_point", lambda self, name: hooks[name] if name in hooks else (_ for _ in ()).throw(
+    adapter.__dict__["_hook_name_cache"] = frozenset(hooks)
+    monkeypatch.setattr(type(adapter), "hook_point", lambda self, name, hook_dict=None: hooks[name] if name in hooks else (_ for _ in ()).throw(
         ValueError(f"the model has no hook point {name!r}. This model may lack MLP neuron hooks (mlp.hook_post).")))
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.hook_post"):
         GradXActRelevance(adapter)
