@@ -136,6 +136,17 @@ def test_failed_conversion_leaves_nothing(monkeypatch, fake_conversion, tmp_path
     assert list((tmp_path / "cache" / "models").iterdir()) == []
 
 
+def test_stale_temp_folders_are_removed(fake_conversion, tmp_path):
+    models = tmp_path / "cache" / "models"
+    stale, fresh = models / f".tmp-{embedded.MODEL_DIRNAME}-1-old", models / f".tmp-{embedded.MODEL_DIRNAME}-2-new"
+    for folder in (stale, fresh):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    embedded.prepare_default_model(tmp_path / "cache")
+    assert not stale.exists() and fresh.exists()  # a recent one may belong to a running conversion
+
+
 def test_load_default_model_boots_a_bridge_offline(fake_conversion, tmp_path):
     env_before = os.environ.get("HF_HUB_OFFLINE")
     model = embedded.load_default_model(cache_dir=tmp_path / "cache")
@@ -190,6 +201,9 @@ needs_package = pytest.mark.skipif(not _has_model_package(), reason="needs `pip 
 def fresh_cache(tmp_path_factory):
     """The real model converted into an empty cache; yields (cache dir, first-load seconds, model)."""
     cache = tmp_path_factory.mktemp("tl_taskmap_cache")
+    import transformer_lens.model_bridge  # noqa: F401  (import time is not load time)
+    import transformers  # noqa: F401
+
     start = time.perf_counter()
     model = embedded.load_default_model(cache_dir=cache)
     first = time.perf_counter() - start

