@@ -21,15 +21,6 @@ PROMPTS = ["the quick brown", "a b c", "good movie", "0 1 2 +", "bad review", "t
 TARGETS = [" fox", " d", " positive", " 3", " negative", " dog", " a", " positive"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: intra-op threads only add overhead, and on a shared CPU they make steps ~50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_task(name="tiny"):
     return Task.from_lists(name, PROMPTS, TARGETS)
 
@@ -132,31 +123,50 @@ def test_flags_grads_and_mode_restored(any_model):
     assert all(p.grad is None for p in net.parameters())
 
 
-def test_frozen_entries_restored_when_training_fails(bridge_llama):
+def test_failed_step_leaves_the_model_as_after_the_last_completed_step(bridge_llama):
     neurons = some_neurons(bridge_llama)
     before = parameter_fingerprint(bridge_llama)
+    net = as_adapter(bridge_llama).model
+    stale = next(iter(net.parameters()))
+    stale.grad = torch.ones_like(stale)
 
     class Exploding(torch.optim.SGD):
         def step(self, closure=None):
             with torch.no_grad():
                 for group in self.param_groups:
                     for p in group["params"]:
-                        p.add_(1.0)
+                        p.add_(1.0)  # the optimizer only ever holds slice copies, never the model's tensors
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
         finetune(bridge_llama, tiny_task(), neurons, steps=2, optimizer=Exploding, progress=False)
-    after = parameter_fingerprint(bridge_llama)
-    touched = {n for n in before if before[n] != after[n]}
-    assert touched and all(".mlp." in n for n in touched)  # only the set's layers' MLP tensors
-    assert not bridge_llama.training
+    assert parameter_fingerprint(bridge_llama) == before
+    assert not bridge_llama.training and all(p.requires_grad for p in net.parameters())
+    assert torch.equal(stale.grad, torch.ones_like(stale)), "the user's gradient is put back"
 
 
 def test_update_mask_context_for_custom_loops(bridge_gpt2):
     neurons = some_neurons(bridge_gpt2)
+    a = as_adapter(bridge_gpt2)
+    owners = [p.param for layer in neurons.layers() for p in a.neuron_params(layer)]
     with trainable_neurons(bridge_gpt2, neurons) as mask:
-        assert len(mask.params) == 2 * len(as_adapter(bridge_gpt2).neuron_params(0))
-        assert all(p.requires_grad == any(p is q for q in mask.params) for p in bridge_gpt2.parameters())
+        assert len(mask.params) == len(owners) == 2 * len(a.neuron_params(0))
+        assert all(p.requires_grad == any(p is q for q in owners) for p in bridge_gpt2.parameters())
+        assert not any(p is q for p in mask.params for q in bridge_gpt2.parameters()), "the optimizer gets copies"
+        # a hand-written loop with a huge weight decay: only the set's slices move
+        before = snapshot(bridge_gpt2)
+        opt = torch.optim.AdamW(mask.params, lr=1.0, weight_decay=10.0)
+        batch = a.tokenize(PROMPTS[:2], TARGETS[:2])
+        from tl_taskmap.evaluate import answer_nll
+
+        answer_nll(a.forward(batch), batch).mean().backward()
+        mask.gather_gradients()
+        opt.step()
+        mask.write_back()
+        w_in = owners[0]
+        name = next(n for n, p in bridge_gpt2.named_parameters() if p is w_in)
+        moved = (w_in.detach() != before[name]).any(dim=1 - a.neuron_params(0)[0].dim)
+        assert torch.equal(torch.nonzero(moved).flatten(), neurons.indices(0))
     assert all(p.requires_grad for p in bridge_gpt2.parameters())
 
 

@@ -22,15 +22,6 @@ from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: intra-op threads only add overhead, and on a shared CPU they make steps ~50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_tasks():
     sentiment = Task.from_lists("sent", ["great movie", "bad film", "good review", "awful movie", "great film", "bad review"],
                                 [" positive", " negative", " positive", " negative", " positive", " negative"],
