@@ -216,3 +216,46 @@ def test_real_default_suite_builds_from_the_cache():
     assert len(suite) >= 12 and len(suite.clusters) >= 4
     assert all(1 < len(t) <= 64 for t in suite)
     assert {t.metric for t in suite} >= {"accuracy", "exact_match"}
+
+
+# ---------------------------------------------------------------------------- setup_assets (pip stubbed)
+def test_setup_assets_downloads_once_and_extracts_only_the_suite(toy_cache, monkeypatch, capsys):
+    from tl_taskmap import setup_assets
+
+    cache, archive = toy_cache
+    good = archive.read_bytes()
+    archive.write_bytes(good[:100])  # a truncated download must be detected and replaced
+    (cache / "lexicons" / "vaderSentiment-3.3.2-py2.py3-none-any.whl").unlink()
+    calls = []
+
+    def fake_pip(*args):
+        calls.append(args)
+        dest = Path(args[args.index("--dest") + 1])
+        if "bigbench==1.0.0" in args:
+            assert "--no-deps" in args and ":all:" in args
+            (dest / "bigbench-1.0.0.tar.gz").write_bytes(good)
+        else:
+            assert args[-1] == "vaderSentiment==3.3.2" and "--no-deps" in args
+            with zipfile.ZipFile(dest / "vaderSentiment-3.3.2-py2.py3-none-any.whl", "w") as zf:
+                zf.writestr("vaderSentiment/vader_lexicon.txt", LEXICON)
+
+    monkeypatch.setattr(setup_assets, "_pip", fake_pip)
+    assert setup_assets.main(["--cache-dir", str(cache), "--no-model"]) == 0
+    assert len(calls) == 2 and archive.read_bytes() == good
+    extracted = sorted(str(p.relative_to(cache / "bigbench" / "tasks")) for p in (cache / "bigbench" / "tasks").rglob("task.json"))
+    assert extracted == ["arith/toy_choice/task.json", "toy_generation/task.json"]
+    assert setup_assets.main(["--cache-dir", str(cache), "--no-model"]) == 0  # idempotent: nothing fetched again
+    assert len(calls) == 2
+    out = capsys.readouterr().out
+    assert "found" in out and "setup complete" in out
+    assert not list((cache / "bigbench").glob(".download-*"))
+
+
+def test_setup_assets_skips_installed_model_package(monkeypatch, tmp_path):
+    from tl_taskmap import embedded, setup_assets
+
+    gguf = tmp_path / embedded.GGUF_FILENAME
+    gguf.write_bytes(b"x")
+    monkeypatch.setattr(embedded, "find_model_gguf", lambda *a, **k: gguf)
+    monkeypatch.setattr(setup_assets, "_pip", lambda *a: pytest.fail("pip must not run when the model is installed"))
+    assert setup_assets.ensure_model_package() == gguf

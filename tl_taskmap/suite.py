@@ -283,9 +283,9 @@ def default_task_names() -> list[str]:
     return [s.name for s in DEFAULT_TASKS]
 
 
-def bigbench_refs(specs: Sequence[TaskSpec] = DEFAULT_TASKS) -> list[str]:
+def bigbench_refs(specs: Optional[Sequence[TaskSpec]] = None) -> list[str]:
     """BIG-bench task names the default suite reads (what setup extracts from the archive)."""
-    return sorted({s.ref for s in specs if s.source == "bigbench"})
+    return sorted({s.ref for s in (DEFAULT_TASKS if specs is None else specs) if s.source == "bigbench"})
 
 
 def build_task(spec: TaskSpec, *, max_examples: Optional[int] = 64, seed: int = 0, cache_dir: Optional[str | os.PathLike[str]] = None) -> Task:
