@@ -77,22 +77,25 @@ PROBE_N = 64
 #: 0.75 vs 0.45). Left out at chance or below: strategyqa, entailed_polarity, misconceptions,
 #: implicatures, navigate, winowhy, snarks, hyperbaton, metaphor_boolean, logical_fallacy_detection,
 #: hindu_knowledge, simple_ethical_questions, emojis_emotion_prediction, bbq_lite_json/age_ambig.
+#: ``zero_shot`` below is `python -m tl_taskmap.zero_shot` on the 64 default examples (seed 0):
+#: 11 of the 13 non-control tasks beat chance (one-sided binomial test, 5%); generation tasks
+#: show two worked examples in their template (``shots=2``).
 DEFAULT_TASKS: tuple[TaskSpec, ...] = (
-    TaskSpec("addition_1digit", "arithmetic", "bigbench", "arithmetic/1_digit_addition", ADD_2SHOT, "generation", 0.55, shots=2),
-    TaskSpec("subtraction_1digit", "arithmetic", "bigbench", "arithmetic/1_digit_subtraction", SUB_2SHOT, "generation", 0.25, shots=2),
+    TaskSpec("addition_1digit", "arithmetic", "bigbench", "arithmetic/1_digit_addition", ADD_2SHOT, "generation", 0.484, shots=2),
+    TaskSpec("subtraction_1digit", "arithmetic", "bigbench", "arithmetic/1_digit_subtraction", SUB_2SHOT, "generation", 0.109, shots=2),
     TaskSpec("multiplication_1digit", "arithmetic", "bigbench", "arithmetic/1_digit_multiplication", MUL_2SHOT, "generation", 0.5, shots=2),
-    TaskSpec("plural", "morphology", "bigbench", "linguistic_mappings/plural_json", PLURAL_2SHOT, "generation", 0.85, shots=2),
-    TaskSpec("past_tense", "morphology", "bigbench", "linguistic_mappings/past_tense_json", PAST_2SHOT, "generation", 0.6, shots=2),
-    TaskSpec("phrase_relatedness", "semantics", "bigbench", "phrase_relatedness", zero_shot=0.75, chance=0.25),
+    TaskSpec("plural", "morphology", "bigbench", "linguistic_mappings/plural_json", PLURAL_2SHOT, "generation", 0.859, shots=2),
+    TaskSpec("past_tense", "morphology", "bigbench", "linguistic_mappings/past_tense_json", PAST_2SHOT, "generation", 0.594, shots=2),
+    TaskSpec("phrase_relatedness", "semantics", "bigbench", "phrase_relatedness", zero_shot=0.703, chance=0.25),
     TaskSpec("metaphor_to_literal", "semantics", "bigbench", "metaphor_understanding/met2lit", zero_shot=0.5, chance=0.25),
-    TaskSpec("unit_identification", "semantics", "bigbench", "unit_conversion/unit_identification", zero_shot=1.0, chance=0.333),
-    TaskSpec("movie_recommendation", "commonsense", "bigbench", "movie_recommendation", zero_shot=0.7, chance=0.25),
-    TaskSpec("pronoun_disambiguation", "commonsense", "bigbench", "disambiguation_qa", zero_shot=0.6, chance=0.333),
-    TaskSpec("social_iqa", "commonsense", "bigbench", "social_iqa", zero_shot=0.4, chance=0.333),
-    TaskSpec("date_understanding", "commonsense", "bigbench", "date_understanding", zero_shot=0.3, chance=0.172),
-    TaskSpec("word_sentiment", "sentiment", "vader", "vader_lexicon", zero_shot=0.967, chance=0.5),
-    TaskSpec("sports_understanding", "control", "bigbench", "sports_understanding", zero_shot=0.4, chance=0.5, control=True),
-    TaskSpec("anachronisms", "control", "bigbench", "anachronisms", zero_shot=0.5, chance=0.5, control=True),
+    TaskSpec("unit_identification", "semantics", "bigbench", "unit_conversion/unit_identification", zero_shot=0.984, chance=0.333),
+    TaskSpec("movie_recommendation", "commonsense", "bigbench", "movie_recommendation", zero_shot=0.672, chance=0.25),
+    TaskSpec("pronoun_disambiguation", "commonsense", "bigbench", "disambiguation_qa", zero_shot=0.406, chance=0.333),
+    TaskSpec("social_iqa", "commonsense", "bigbench", "social_iqa", zero_shot=0.391, chance=0.336),
+    TaskSpec("date_understanding", "commonsense", "bigbench", "date_understanding", zero_shot=0.297, chance=0.171),
+    TaskSpec("word_sentiment", "sentiment", "vader", "vader_lexicon", zero_shot=0.953, chance=0.5),
+    TaskSpec("sports_understanding", "control", "bigbench", "sports_understanding", zero_shot=0.562, chance=0.5, control=True),
+    TaskSpec("anachronisms", "control", "bigbench", "anachronisms", zero_shot=0.438, chance=0.5, control=True),
 )
 
 
