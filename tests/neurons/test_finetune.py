@@ -220,3 +220,29 @@ def test_control_model_delta_refuses_another_base(bridge_llama, tmp_path):
         load_control_model(control, folder)
     with pytest.raises(ValueError, match="not a saved control model"):
         load_control_model(bridge_llama, tmp_path)
+
+
+@pytest.mark.real_model
+def test_real_model_masked_finetuning_is_bit_exact_outside_the_set():
+    from tl_taskmap.embedded import ModelPackageMissingError, load_default_model
+
+    try:
+        model = load_default_model()
+    except ModelPackageMissingError as err:
+        pytest.skip(str(err))
+    a = as_adapter(model)
+    neurons = NeuronSet.from_mask(torch.rand(a.n_layers, a.d_mlp, generator=torch.Generator().manual_seed(0)) < 0.1)
+    before = snapshot(model)
+    task = Task.from_lists("words", ["Word: happy\nSentiment:", "Word: awful\nSentiment:"] * 2, [" positive", " negative"] * 2)
+    res = finetune(model, task, neurons, steps=2, lr=1e-3, weight_decay=0.1, batch_size=2, progress=False)
+    owned = neuron_param_ids(model)
+    mask = neurons.to_mask()
+    for name, p in a.model.named_parameters():
+        if id(p) not in owned:
+            assert torch.equal(bits(p), bits(before[name])), name
+            continue
+        layer, np_ = owned[id(p)]
+        old, new = before[name].movedim(np_.dim, 0), p.detach().movedim(np_.dim, 0)
+        assert torch.equal(bits(new[~mask[layer]]), bits(old[~mask[layer]])), name
+        assert (new[mask[layer]] != old[mask[layer]]).flatten(1).any(1).all(), name
+    assert res.n_neurons == len(neurons) and res.losses[1] < res.losses[0]

@@ -75,6 +75,8 @@ def test_ncft_matrix_is_well_formed_and_only_selected_neurons_change(any_model):
     fg, bwt = hand_fg_bwt(m)
     s = res.summary()
     assert s["FG"] == pytest.approx(fg, nan_ok=True) and s["BWT"] == pytest.approx(bwt)
+    losses = np.array(res.loss)
+    assert s["loss_BWT"] == pytest.approx(np.mean([losses[i, 2] - losses[i, i] for i in range(2)]))
     assert res.average_accuracy == pytest.approx(m[:, -1].mean())
     assert res.n_neurons == [3, 3, 3] and len(res.train_losses) == 3 and len(res.initial) == 3
     # the selector saw the current model: stage 2's model already carries stage 1's training

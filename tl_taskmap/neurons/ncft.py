@@ -242,18 +242,23 @@ class ContinualResult:
         return average_accuracy(self.accuracy)
 
     def forgetting(self) -> Any:
-        """Per stage: ``FG`` (% of earlier tasks' scores retained), ``forgetting_pct`` (100 − FG), ``BWT``."""
+        """Per stage: ``FG`` (% of earlier tasks' scores retained), ``forgetting_pct`` (100 − FG), ``BWT``, ``loss_BWT``."""
         import pandas as pd
 
         fg = forgetting_fg(self.accuracy)
         return pd.DataFrame({"stage": range(len(self.task_names)), "after": self.task_names, "FG": fg,
-                             "forgetting_pct": 100 - fg, "BWT": backward_transfer(self.accuracy)})
+                             "forgetting_pct": 100 - fg, "BWT": backward_transfer(self.accuracy),
+                             "loss_BWT": backward_transfer(self.loss)})
 
     def summary(self) -> dict[str, Any]:
-        """``{"method", "average_accuracy", "FG", "forgetting_pct", "BWT"}`` after the last stage."""
+        """``{"method", "average_accuracy", "FG", "forgetting_pct", "BWT", "loss_BWT"}`` after the last stage.
+
+        ``loss_BWT`` is BWT on the answer loss: mean rise of the earlier tasks' loss (positive = forgetting),
+        a finer signal than accuracy on small evaluation sets.
+        """
         last = self.forgetting().iloc[-1]
         return {"method": self.method, "average_accuracy": self.average_accuracy, "FG": float(last["FG"]),
-                "forgetting_pct": float(last["forgetting_pct"]), "BWT": float(last["BWT"])}
+                "forgetting_pct": float(last["forgetting_pct"]), "BWT": float(last["BWT"]), "loss_BWT": float(last["loss_BWT"])}
 
     def to_dataframe(self) -> Any:
         """Long format: ``method, task, stage, after, metric, metric_value, loss`` (evaluated cells only)."""
@@ -362,9 +367,10 @@ def continual_learning(
         eval_tasks: Held-out tasks by position; default: each task ``.split(train_fraction, seed)``.
         steps, lr, batch_size, weight_decay, seed, optimizer: per-stage :func:`finetune` settings
             (stage j uses ``seed + j``).
-        evaluate_all: Also score the tasks not trained yet (the upper triangle).
+        evaluate_all: Also score the tasks not trained yet (below the diagonal; per-task-ft leaves them NaN).
         evaluate_initial: Score every task on the base model first (``result.initial``).
         routing, temperature: W-NCFT query (``"task"`` or ``"input"``) and softmax temperature.
+        copy_model: Train a deep copy (default); False trains ``model`` itself in place (not per-task-ft).
 
     Example:
         >>> res = continual_learning(model, [t1, t2, t3], method="w-ncft", steps=30, lr=1e-3)   # doctest: +SKIP
@@ -428,7 +434,10 @@ def continual_learning(
             else:
                 plain = score(work, held_out[i])
                 result.plain_accuracy[i][j], result.plain_loss[i][j] = plain.metric_value, plain.loss  # type: ignore[index]
-                s, sims[held_out[i].name] = _merged_score(work, bank, held_out[i], queries[i], vectors[: j + 1], routing, temperature, score)
+                if j == 0:  # one trained task: sim = [1] and the merge is the model itself
+                    s, sims[held_out[i].name] = plain, [1.0]
+                else:
+                    s, sims[held_out[i].name] = _merged_score(work, bank, held_out[i], queries[i], vectors[: j + 1], routing, temperature, score)
             result.accuracy[i][j], result.loss[i][j] = s.metric_value, s.loss
         if result.similarities is not None:
             result.similarities.append(sims)
