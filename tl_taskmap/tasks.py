@@ -1,7 +1,9 @@
 """Tasks: named sets of examples (prompt, target completion, optional answer options) with a cluster.
 
-Every analysis takes a :class:`Task` or a :class:`TaskSuite`. Loaders for BIG-bench JSON, 🤗
-``datasets`` and plain Python lists build them; :func:`default_suite` is the built-in offline suite.
+Every analysis takes a :class:`Task` or a :class:`TaskSuite`. :meth:`Task.from_lists` builds one from
+plain Python lists; :mod:`tl_taskmap.bigbench` loads BIG-bench JSON, :func:`tl_taskmap.suite.load_dataset_task`
+loads 🤗 ``datasets`` names and local files, and :func:`tl_taskmap.suite.default_suite` is the built-in
+offline suite.
 
 Example:
     >>> from tl_taskmap.tasks import Task
