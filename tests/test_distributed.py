@@ -253,7 +253,5 @@ def test_device_map_keeps_capture_and_relevance_exact(device_map, tmp_path, brid
 
 
 @needs_tl4
-@pytest.mark.xfail(reason="ModelAdapter.device is the first parameter's device, 'meta' when the embedding is offloaded; "
-                          "models.py should skip meta parameters (see docs/running_at_scale.md)", raises=NotImplementedError)
 def test_device_map_with_offloaded_embedding(tmp_path):
     _capture_and_relevance(_boot_mapped({**OFFLOAD_MAP, "model.embed_tokens": "disk"}, tmp_path), common.suite()[1])

@@ -169,9 +169,14 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        """Device of the input embedding (where token ids must go)."""
+        """Device of the input embedding (where token ids must go).
+
+        The first parameter not on ``meta``: with a ``device_map`` that offloads the embedding to disk,
+        its parameter is a ``meta`` placeholder and accelerate moves inputs to the execution device.
+        """
         for p in self.model.parameters():
-            return p.device
+            if p.device.type != "meta":
+                return p.device
         return torch.device("cpu")
 
     @property

@@ -369,7 +369,7 @@ class GradXActRelevance:
         for layer, grad in zip(layers, grads):
             if grad is None:  # the layer does not reach the loss: zero relevance
                 continue
-            prod = grad.float() * acts[layer].detach().float() * weight
+            prod = grad.float() * acts[layer].detach().float() * weight.to(grad.device)  # layers may sit on other devices
             sum_abs[layer] = prod.abs().sum((0, 1), dtype=torch.float64).cpu()
             signed[layer] = prod.sum((0, 1), dtype=torch.float64).cpu()
             if not bool(torch.isfinite(sum_abs[layer]).all()):
