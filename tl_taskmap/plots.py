@@ -192,3 +192,179 @@ def plot_task_embedding(stats_or_frame: Any, layers: Union[int, Sequence[int], N
                   xticks=[], yticks=[])
     axes[-1].legend(title=colour_by, fontsize="small", markerscale=1.5)
     return fig
+
+
+# ---------------------------------------------------------------------------------------- tasks and neurons
+# Figures of the task-neuron and ablation results (the report's), from the tables those stages save.
+
+__all__ += ["random_jaccard", "plot_baseline", "plot_relevance_by_layer", "plot_jaccard_matrix", "plot_overlap_sweep",
+            "plot_overlap_by_layer", "plot_parameter_similarity", "plot_specificity"]
+
+
+def _integer_layers(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def random_jaccard(fraction: float) -> float:
+    """Expected Jaccard overlap of two independent random sets, each a ``fraction`` of the neurons: k / (2 − k).
+
+    Example:
+        >>> round(random_jaccard(0.1), 4)
+        0.0526
+    """
+    return fraction / (2 - fraction)
+
+
+def plot_baseline(frame: pd.DataFrame, *, ax: Any = None) -> Any:
+    """Bars of each task's metric (one colour per model), with chance accuracy marked.
+
+    ``frame`` has ``task, metric_value, chance`` and optionally ``model`` (e.g. ``evaluate_suite(...)``).
+
+    Example:
+        >>> fig = plot_baseline(evaluate_suite(model, suite))   # doctest: +SKIP
+    """
+    frame = frame if "model" in frame else frame.assign(model="model")
+    tasks, models = list(dict.fromkeys(frame["task"])), list(dict.fromkeys(frame["model"]))
+    fig, (ax,) = _new_axes(ax, (max(4.0, 0.7 * len(tasks) + 2), 3.5))
+    width = 0.8 / len(models)
+    for i, (model, colour) in enumerate(zip(models, _colours(len(models)))):
+        rows = frame[frame["model"] == model].set_index("task").reindex(tasks)
+        ax.bar(np.arange(len(tasks)) - 0.4 + width * (i + 0.5), rows["metric_value"], width * 0.9, color=colour, label=model)
+    chance = frame.drop_duplicates("task").set_index("task").reindex(tasks)["chance"].astype(float)
+    label = "chance"
+    for x, value in enumerate(chance):
+        if np.isfinite(value):
+            ax.hlines(value, x - 0.45, x + 0.45, colors="black", linestyles="--", label=label)
+            label = None  # one legend entry
+    metrics = sorted(set(frame["metric"])) if "metric" in frame else ["metric"]
+    ax.set_xticks(np.arange(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set(ylim=(0, 1.05), ylabel=" / ".join(metrics), title="Baseline score per task (evaluation half)")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_relevance_by_layer(frame: pd.DataFrame, *, ax: Any = None) -> Any:
+    """Share of each task's total grad × act relevance in each layer (where in depth its neurons matter).
+
+    ``frame`` has ``task, layer, relevance_share`` (the report's ``relevance_by_layer.csv``).
+
+    Example:
+        >>> fig = plot_relevance_by_layer(pd.read_csv("report/relevance_by_layer.csv"))   # doctest: +SKIP
+    """
+    tasks = list(dict.fromkeys(frame["task"]))
+    fig, (ax,) = _new_axes(ax, (6.0, 3.5))
+    for task, colour in zip(tasks, _colours(len(tasks))):
+        rows = frame[frame["task"] == task].sort_values("layer")
+        ax.plot(rows["layer"], rows["relevance_share"], marker=".", color=colour, label=task)
+    _integer_layers(ax)
+    ax.set(xlabel="layer", ylabel="share of relevance", title="Where each task's relevance lies in depth")
+    ax.legend(fontsize="small", ncol=2)
+    return fig
+
+
+def plot_jaccard_matrix(table: pd.DataFrame, *, ax: Any = None, title: str = "Jaccard overlap of task neuron sets") -> Any:
+    """Annotated heat map of a square task × task overlap table (e.g. ``jaccard_matrix(sets)``).
+
+    Example:
+        >>> fig = plot_jaccard_matrix(jaccard_matrix(sets))   # doctest: +SKIP
+    """
+    n = len(table)
+    fig, (ax,) = _new_axes(ax, (max(3.5, 0.55 * n + 2), max(3.0, 0.55 * n + 1.2)))
+    values = table.to_numpy(np.float64)
+    image = ax.imshow(values, cmap="magma", vmin=0, vmax=1)
+    ax.set_xticks(np.arange(n), [str(t) for t in table.columns], rotation=45, ha="right")
+    ax.set_yticks(np.arange(n), [str(t) for t in table.index])
+    if n <= 15:
+        for (i, j), value in np.ndenumerate(values):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig
+
+
+def plot_overlap_sweep(frame: pd.DataFrame, *, ax: Any = None) -> Any:
+    """Mean Jaccard overlap over task pairs against the top-k fraction (band: min–max), vs random sets.
+
+    ``frame`` is :func:`~tl_taskmap.neurons.overlap.overlap_sweep`'s (``task_a, task_b, fraction, jaccard``);
+    the dashed line is the overlap of independent random sets of the same sizes, k / (2 − k).
+
+    Example:
+        >>> fig = plot_overlap_sweep(overlap_sweep(scores))   # doctest: +SKIP
+    """
+    by = frame.groupby("fraction")["jaccard"]
+    fractions = np.asarray(sorted(frame["fraction"].unique()), dtype=float)
+    fig, (ax,) = _new_axes(ax, (4.8, 3.5))
+    ax.plot(fractions * 100, by.mean().reindex(fractions), marker="o", label="task pairs (mean)")
+    ax.fill_between(fractions * 100, by.min().reindex(fractions), by.max().reindex(fractions), alpha=0.2, linewidth=0)
+    ax.plot(fractions * 100, [random_jaccard(f) for f in fractions], "k--", label="random sets")
+    ax.set(xlabel="top-k% of neurons per task", ylabel="Jaccard overlap", ylim=(0, 1.02), title="Overlap as k grows")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_overlap_by_layer(frame: pd.DataFrame, fraction: Optional[float] = None, *, ax: Any = None) -> Any:
+    """Per-layer Jaccard overlap averaged over task pairs (band: min–max), vs random sets of fraction k.
+
+    ``frame`` is ``jaccard_matrix(sets, per_layer=True)`` (``task_a, task_b, layer, jaccard``).
+
+    Example:
+        >>> fig = plot_overlap_by_layer(jaccard_matrix(sets, per_layer=True), fraction=0.1)   # doctest: +SKIP
+    """
+    pairs = frame[frame["task_a"] < frame["task_b"]].groupby("layer")["jaccard"]
+    fig, (ax,) = _new_axes(ax, (6.0, 3.5))
+    layers = np.asarray(sorted(frame["layer"].unique()))
+    ax.plot(layers, pairs.mean().reindex(layers), marker="o", label="task pairs (mean)")
+    ax.fill_between(layers, pairs.min().reindex(layers), pairs.max().reindex(layers), alpha=0.2, linewidth=0)
+    if fraction is not None:
+        ax.axhline(random_jaccard(fraction), color="black", linestyle="--", label=f"random sets, k={fraction:g}")
+    _integer_layers(ax)
+    ax.set(xlabel="layer", ylabel="Jaccard overlap", title="Overlap of task neuron sets per layer")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_parameter_similarity(frame: pd.DataFrame, *, ax: Any = None) -> Any:
+    """Per-layer cosine of task neuron parameters, mean over task pairs (band: min–max).
+
+    ``frame`` is :func:`~tl_taskmap.neurons.similarity.parameter_similarity_matrix`'s (``task_a, task_b, layer, cosine``).
+
+    Example:
+        >>> fig = plot_parameter_similarity(parameter_similarity_matrix(model, sets))   # doctest: +SKIP
+    """
+    pairs = frame[frame["task_a"] < frame["task_b"]].groupby("layer")["cosine"]
+    layers = np.asarray(sorted(frame["layer"].unique()))
+    fig, (ax,) = _new_axes(ax, (6.0, 3.5))
+    ax.plot(layers, pairs.mean().reindex(layers), marker="o", label="task pairs (mean)")
+    ax.fill_between(layers, pairs.min().reindex(layers), pairs.max().reindex(layers), alpha=0.2, linewidth=0)
+    _integer_layers(ax)
+    ax.set(xlabel="layer", ylabel="cosine", title="Parameter similarity of task neurons per layer")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_specificity(frame: pd.DataFrame, *, ax: Any = None) -> Any:
+    """Per task: extra metric drop from ablating its own neurons vs random and vs other tasks' neurons, with 95% intervals.
+
+    ``frame`` is :func:`~tl_taskmap.neurons.ablation_matrix.specificity`'s. Positive: the task's own
+    neurons matter more for it than the comparison neurons.
+
+    Example:
+        >>> fig = plot_specificity(specificity(matrix))   # doctest: +SKIP
+    """
+    tasks = list(frame["task"])
+    fig, (ax,) = _new_axes(ax, (6.0, max(2.5, 0.45 * len(tasks) + 1.2)))
+    y = np.arange(len(tasks))
+    for offset, (label, colour) in zip((-0.18, 0.18), (("random", "#d62728"), ("other", "#1f77b4"))):
+        value = frame[f"vs_{label}"].to_numpy(float)
+        low, high = frame[f"vs_{label}_low"].to_numpy(float), frame[f"vs_{label}_high"].to_numpy(float)
+        err = np.vstack([value - low, high - value])
+        ax.barh(y + offset, value, 0.34, xerr=np.where(np.isfinite(err), err, 0), color=colour, alpha=0.8, capsize=3,
+                label=f"own − {label} neurons")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(y, tasks)
+    ax.invert_yaxis()
+    ax.set(xlabel="extra drop of the task's metric", title="Specificity of task neurons (95% intervals)")
+    ax.legend(fontsize="small")
+    return fig
