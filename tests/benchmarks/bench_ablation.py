@@ -17,6 +17,7 @@ and no random set is shared between rows (every nominal cell is really evaluated
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import tempfile
 import time
@@ -26,10 +27,12 @@ import torch
 
 from tl_taskmap.evaluate import evaluate_task
 from tl_taskmap.models import as_adapter, hook_point_hook_counts
-from tl_taskmap.neurons import ablation_matrix as matrix_module
 from tl_taskmap.neurons.ablation import ablate, mean_activations
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task
+
+# `tl_taskmap.neurons.ablation_matrix` is also the re-exported function: fetch the module itself.
+matrix_module = importlib.import_module("tl_taskmap.neurons.ablation_matrix")
 
 WORDS = "the a quick brown fox jumps over lazy dog good bad movie review great awful yes no maybe true false cat sat mat".split()
 
