@@ -1,0 +1,191 @@
+"""The ``tl-taskmap`` command (also ``python -m tl_taskmap``): a thin layer over :func:`tl_taskmap.report.map_model`.
+
+Every option maps to a :class:`~tl_taskmap.report_config.MapConfig` field. Options are checked
+(paths exist, ``k`` in (0, 1], seeds ≥ 1, dtype / device / site names) before anything heavy is
+imported or any model is loaded; a bad option exits with status 2 and a message naming it.
+
+Example:
+    $ tl-taskmap map --out taskmap-report                       # the embedded model, built-in tasks
+    $ tl-taskmap map --model ./my-hf-model --tasks reviews.jsonl topics.csv --template "Text: {text}\\nLabel:" \\
+          --target-template "{label}" --options-field choices --k 0.05 --seeds 5 --out my-report
+    $ tl-taskmap map --config taskmap-report/config.json         # repeat a run (finished stages are reused)
+
+    >>> from tl_taskmap.cli import main
+    >>> main(["map", "--k", "2", "--dry-run"])   # doctest: +SKIP
+    2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from tl_taskmap.report_config import ABLATION_MODES, CONTROL_NEURONS, DTYPES, REDUCTIONS, ConfigError, MapConfig
+
+_DEFAULTS = MapConfig()
+_RUN_OPTIONS = ("command", "config", "force", "dry_run", "quiet", "threads")  # how to run, not what: not in MapConfig
+
+
+def _fraction(text: str) -> float:
+    """``0.1`` or ``10%``."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1 or 10%, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _control(text: str) -> tuple[str, str]:
+    task, sep, folder = text.partition("=")
+    if not sep or not task or not folder:
+        raise argparse.ArgumentTypeError(f"expected TASK=FOLDER, got {text!r}")
+    return task, folder
+
+
+def _template(text: str) -> str:
+    """Shell-friendly templates: a typed ``\\n`` or ``\\t`` means a newline or tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _optional(text: str) -> Optional[str]:
+    return None if text.lower() in ("", "none") else text
+
+
+def _help(text: str, field: str) -> str:
+    return f"{text} (default: {getattr(_DEFAULTS, field)!r})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (``tl-taskmap --help``, ``tl-taskmap map --help``)."""
+    parser = argparse.ArgumentParser(prog="tl-taskmap", description="Map where multi-task learning happens inside a language model.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    m = sub.add_parser(
+        "map", formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS,
+        help="run the task map and write an HTML report",
+        description="Evaluate the model on each task, find each task's neurons (grad x activation relevance, top-k%%), "
+                    "their overlap and parameter similarity, the layer map (CKA to per-task control models, sections, "
+                    "dims for 99% variance, cross-task similarity) and the ablation matrix with random baselines; write "
+                    "report.html, PNG figures, JSON/CSV/safetensors results and config.json to --out. Re-running with the "
+                    "same configuration reuses finished stages.",
+        epilog="Examples:\n  tl-taskmap map --out taskmap-report\n"
+               "  tl-taskmap map --model ./hf-folder --tasks a.jsonl b.csv --template 'Q: {question}\\nA:' "
+               "--target-template ' {answer}'\n"
+               "  tl-taskmap map --config taskmap-report/config.json --k 0.05   # re-run: only neuron and ablation stages recompute")
+    g = m.add_argument_group("output")
+    g.add_argument("-o", "--out", metavar="DIR", help=_help("output folder", "out"))
+    g.add_argument("--config", metavar="FILE", help="start from a config.json of an earlier run; other options override it")
+    g.add_argument("--force", action="store_true", help="recompute every stage, even those finished with this configuration")
+    g.add_argument("--dry-run", action="store_true", help="check the options and load the tasks, print the configuration, load no model")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    g = m.add_argument_group("models")
+    g.add_argument("--model", type=_optional, metavar="NAME_OR_DIR",
+                   help="local Hugging Face folder or hub name, booted as a TransformerBridge (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--second-model", type=_optional, metavar="NAME_OR_DIR",
+                   help="a second model on the same inputs, e.g. the base model of --model: CKA between them and base-vs-tuned "
+                        "layer sections (default: none)")
+    g.add_argument("--control-model", dest="control_models", action="append", type=_control, metavar="TASK=DIR",
+                   help="a per-task control model saved with save_control_model (repeatable)")
+    g.add_argument("--train-controls", type=int, metavar="N", help=_help("train control models for the first N tasks without one", "train_controls"))
+    g.add_argument("--control-steps", type=int, metavar="N", help=_help("fine-tuning steps per trained control model", "control_steps"))
+    g.add_argument("--control-lr", type=float, metavar="LR", help=_help("learning rate of trained control models", "control_lr"))
+    g.add_argument("--control-neurons", choices=CONTROL_NEURONS,
+                   help=_help("train all parameters or only the task's top-k neurons", "control_neurons"))
+    g.add_argument("--save-controls", action="store_true", help="write trained control models to OUT/controls/ (safetensors)")
+    g.add_argument("--device", metavar="DEVICE", help=_help("cpu, cuda, cuda:N or mps", "device"))
+    g.add_argument("--dtype", choices=DTYPES, help=_help("model precision", "dtype"))
+    g.add_argument("--batch-size", type=int, metavar="N", help=_help("rows per forward pass", "batch_size"))
+    g.add_argument("--threads", type=_positive, metavar="N",
+                   help="torch CPU threads (default: torch's choice; 1 can be much faster on a busy machine)")
+    g = m.add_argument_group("tasks")
+    g.add_argument("--tasks", action="extend", nargs="+", metavar="SPEC",
+                   help="task files (.json/.jsonl/.csv/.parquet, or a BIG-bench task.json / folder) or hf:NAME "
+                        "for a datasets hub name (needs internet) (default: the built-in offline suite)")
+    g.add_argument("--task-names", action="extend", nargs="+", metavar="NAME", help="tasks of the built-in suite to map")
+    g.add_argument("--template", type=_template, metavar="TEMPLATE",
+                   help=_help("prompt template of task files, with {column} placeholders, e.g. 'Review: {text}\\nSentiment:'", "template"))
+    g.add_argument("--target-template", type=_template, metavar="TEMPLATE",
+                   help=_help("answer template, e.g. ' {label}'; with options an integer picks options[i]", "target_template"))
+    g.add_argument("--options", action="extend", nargs="+", metavar="OPTION",
+                   help="answer options shared by every row (multiple choice), e.g. ' negative' ' positive'")
+    g.add_argument("--options-field", type=_optional, metavar="COLUMN", help="column holding each row's answer options")
+    g.add_argument("--split", metavar="SPLIT", help=_help("split of hf: tasks", "split"))
+    g.add_argument("--examples", type=int, metavar="N", help=_help("examples per task: half select neurons, half measure", "examples"))
+    g = m.add_argument_group("analysis")
+    g.add_argument("--sites", action="extend", nargs="+", metavar="SITE",
+                   help=_help("sites of the layer map (resid_post, resid_mid, mlp_out, attn_out, mlp_post, ...)", "sites"))
+    g.add_argument("--reduce", choices=REDUCTIONS, help=_help("per-example representation: last prompt token or mean", "reduce"))
+    g.add_argument("-k", "--k", type=_fraction, metavar="FRACTION", help=_help("top-k fraction of neurons per task, in (0, 1]: 0.1 or 10%%", "k"))
+    g.add_argument("--global-top-k", dest="per_layer", action="store_false", help="select the top-k over the whole model, not per layer")
+    g.add_argument("--seeds", type=int, metavar="N", help=_help("random neuron sets per ablation row", "seeds"))
+    g.add_argument("--ablation-mode", choices=ABLATION_MODES, help=_help("how neurons are switched off", "ablation_mode"))
+    g.add_argument("--seed", type=int, metavar="N", help=_help("seed of splits, sampling and training", "seed"))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> MapConfig:
+    """A validated MapConfig from parsed ``map`` options (``--config`` first, then the options given)."""
+    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in _RUN_OPTIONS}
+    if "control_models" in given:
+        given["control_models"] = dict(given["control_models"])
+    base = MapConfig.load(args.config).to_dict() if getattr(args, "config", None) else {}
+    return MapConfig.from_dict({**base, **given}).validate()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``tl-taskmap``; returns the exit status (0 ok, 1 failed run, 2 bad options).
+
+    Example:
+        >>> main(["map", "--out", "taskmap-report"])   # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "map":
+        parser.print_help()
+        return 2
+    try:
+        config = config_from_args(args)
+        if getattr(args, "dry_run", False):
+            from tl_taskmap.report_config import load_suite
+
+            selection, evaluation = load_suite(config)
+            print(json.dumps(config.to_dict(), indent=1))
+            for sel, ev in zip(selection, evaluation):
+                print(f"task {sel.name!r} ({sel.cluster}, {sel.metric}): {len(sel)} selection + {len(ev)} evaluation examples")
+            return 0
+    except ConfigError as err:
+        print(f"tl-taskmap map: error: {err}", file=sys.stderr)
+        return 2
+    from tl_taskmap.report import map_model
+
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        result = map_model(config, force=getattr(args, "force", False), progress=not getattr(args, "quiet", False))
+    except ConfigError as err:  # e.g. an unknown task name, found when the tasks load (before any model)
+        print(f"tl-taskmap map: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:  # e.g. the model package or the task archive is missing
+        print(f"tl-taskmap map: error: {err}", file=sys.stderr)
+        return 1
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote the report
+        print(result.html)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""The one-command task map: baseline → task neurons → layer map → ablation → ``report.html``.
+
+:func:`map_model` runs every stage on one model and a task suite and writes an output folder:
+
+* ``report.html`` — self-contained (figures embedded as base64 PNG, inline CSS, no scripts, no
+  network) — and the same figures as ``figures/*.png``; ``config.json``, the exact
+  :class:`~tl_taskmap.report_config.MapConfig` (``tl-taskmap map --config config.json`` repeats the run);
+* results as data: ``baseline.csv``; ``relevance/<task>.safetensors`` and ``relevance_by_layer.csv``;
+  ``neurons/<task>.json`` with ``jaccard*.csv``, ``overlap_sweep.csv``, ``parameter_similarity.csv``;
+  ``layers/`` (:class:`~tl_taskmap.stats.results.LayerStats` as JSON + safetensors, ``layer_stats.csv``,
+  ``controls.json``); ``ablation/matrix.json`` with ``cells.csv``, ``delta_table.csv``, ``specificity.csv``;
+* ``stages/<stage>.json``: what each stage depended on (a hash of those configuration fields,
+  the task contents and upstream stages), its files and how long it took.
+
+A re-run with the same configuration reuses every stage whose record matches and whose files exist,
+and loads a model only if some stage has to run; changing ``k`` re-runs the neuron and ablation
+stages only. Selection and measurement use different examples: each task is split in half
+(seeded); relevance, neuron sets and control models use the *selection* half and every reported
+number (baseline, CKA, spectra, ablation) is measured on the held-out *evaluation* half.
+
+Checking the HTML by hand: open ``report.html`` in a browser with the network off, or render it
+headless and look at the screenshot::
+
+    chromium --headless --no-sandbox --disable-gpu --disable-background-networking \\
+        --disable-component-update --disable-sync --no-first-run \\
+        --screenshot=shot.png --window-size=1200,6000 file://$PWD/taskmap-report/report.html
+
+(``tests/test_report.py`` does this when ``/usr/bin/chromium`` exists.)
+
+Under ``torchrun`` (``torchrun --nproc_per_node=N -m tl_taskmap map ...``) the relevance and
+layer-map stages run sharded over the ranks (:mod:`tl_taskmap.distributed`), trained control models
+are copied from rank 0 to every rank, the other stages run on every rank, and only rank 0 writes
+the output folder; ``--device cuda`` becomes each rank's own GPU.
+
+Example:
+    >>> from tl_taskmap.report import MapConfig, map_model
+    >>> result = map_model(MapConfig(out="taskmap-report"))   # doctest: +SKIP
+    >>> result.html, result.seconds                           # doctest: +SKIP
+    (PosixPath('taskmap-report/report.html'), 212.4)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from tl_taskmap import distributed
+from tl_taskmap.models import as_adapter
+from tl_taskmap.report_config import ConfigError, MapConfig, load_suite
+
+__all__ = ["MapConfig", "ConfigError", "ReportResult", "StageStore", "map_model", "safe_name"]
+
+MODEL_LABEL, SECOND_LABEL, CONTROL_LABEL = "model", "second", "control"
+
+
+def safe_name(name: str) -> str:
+    """A file name for a task name (BIG-bench names hold ``/``). Example: ``safe_name("a/b c") == "a_b_c"``."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "task"
+
+
+def _fingerprint(suite: Any) -> str:
+    payload = [(t.name, t.cluster, t.metric, [(e.prompt, e.target, e.options) for e in t.examples]) for t in suite]
+    return hashlib.sha256(json.dumps(payload, default=list).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- stage records
+class StageStore:
+    """Records finished stages in ``<out>/stages/<name>.json`` and says which can be reused.
+
+    A stage is reused when its record holds the same input hash and every file it listed exists;
+    the record is written last (atomically), so an interrupted stage is never reused. Under torchrun
+    every rank takes the same decision (all ranks check before any writes), only rank 0 writes the
+    record, and ranks wait for each other after each stage.
+
+    Example:
+        >>> store = StageStore("report")                                              # doctest: +SKIP
+        >>> store.run("baseline", {"model": None}, compute=lambda: (["baseline.csv"], {}), log=print)  # doctest: +SKIP
+    """
+
+    def __init__(self, out: str | os.PathLike, force: bool = False):
+        self.out, self.dir, self.force = Path(out), Path(out) / "stages", force
+
+    @staticmethod
+    def digest(inputs: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def fresh(self, name: str, inputs: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The stage's record if it can be reused, else None."""
+        path = self.dir / f"{name}.json"
+        if self.force or not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+        if record.get("hash") != self.digest(inputs) or not all((self.out / f).exists() for f in record.get("files", [])):
+            return None
+        return record
+
+    def run(self, name: str, inputs: dict[str, Any], compute: Callable[[], tuple[list[str], dict]], log: Callable[[str], None]) -> dict[str, Any]:
+        """Reuse the stage, or run ``compute() -> (files relative to out, extra record fields)`` and record it."""
+        record = self.fresh(name, inputs)
+        distributed.barrier()  # every rank has decided before rank 0 can write anything of this stage
+        if record is not None:
+            log(f"[{name}] reused (computed {record['finished']} in {record['seconds']:.0f} s)")
+            return {**record, "cached": True}
+        log(f"[{name}] running")
+        start = time.perf_counter()
+        files, extra = compute()
+        record = {"stage": name, "hash": self.digest(inputs), "inputs": inputs, "files": sorted(files),
+                  "seconds": round(time.perf_counter() - start, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+        if distributed.is_main_process():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / f".{name}.json.tmp"
+            tmp.write_text(json.dumps(record, indent=1, default=str))
+            os.replace(tmp, self.dir / f"{name}.json")
+        distributed.barrier()  # the stage's files are complete before any rank reads them
+        log(f"[{name}] done in {record['seconds']:.0f} s")
+        return {**record, "cached": False}
+
+
+# ---------------------------------------------------------------------------------------- the run
+class _Run:
+    """One run's state: configuration, tasks, lazily loaded models, output paths.
+
+    Results are read from ``out``; they are written under ``write_root``, which is ``out`` on rank 0
+    and a scratch folder on the other ranks of a torchrun job (their results are the same).
+    """
+
+    def __init__(self, config: MapConfig, tasks: Any, log: Callable[[str], None], progress: bool, device: str):
+        self.config, self.log, self.progress, self.device = config, log, progress, device
+        self.out = Path(config.out).expanduser()
+        self.sharded = distributed.world_size() > 1
+        self.write_root = self.out if distributed.is_main_process() else Path(tempfile.mkdtemp(prefix=f"tl_taskmap_rank{distributed.rank()}_"))
+        self.selection, self.evaluation = load_suite(config, tasks)
+        self.model_seconds = 0.0
+
+    def _load(self, source: Optional[str], what: str) -> Any:
+        import torch
+
+        from tl_taskmap.embedded import load_default_model, load_model
+
+        start = time.perf_counter()
+        dtype = getattr(torch, self.config.dtype)
+        model = load_default_model(self.device, dtype) if source is None else load_model(source, self.device, dtype)
+        self.model_seconds += time.perf_counter() - start
+        self.log(f"loaded {what} ({source or 'embedded SmolLM2-135M-Instruct'}) in {time.perf_counter() - start:.0f} s")
+        return model
+
+    @functools.cached_property
+    def model(self) -> Any:
+        return self._load(self.config.model, "the model")
+
+    @functools.cached_property
+    def second(self) -> Any:
+        return self._load(self.config.second_model, "the second model") if self.config.second_model else None
+
+    def models(self) -> dict[str, Any]:
+        return {MODEL_LABEL: self.model, **({SECOND_LABEL: self.second} if self.config.second_model else {})}
+
+    def path(self, *parts: str) -> Path:
+        """Where to write ``out/parts...``, creating its parent folder."""
+        path = self.write_root.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def folder(self, *parts: str) -> Path:
+        """Where to write the folder ``out/parts...``, created."""
+        path = self.write_root.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def rel(self, path: Path) -> str:
+        return str(path.relative_to(self.write_root))
+
+    def bar(self, items: Sequence[Any], desc: str) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, disable=not (self.progress and distributed.is_main_process()), leave=False)
+
+
+def _baseline(run: _Run) -> tuple[list[str], dict]:
+    import pandas as pd
+
+    from tl_taskmap.evaluate import evaluate_task
+
+    rows = []
+    for label, model in run.models().items():
+        for task in run.bar(list(run.evaluation), f"baseline ({label})"):
+            score = evaluate_task(model, task, batch_size=run.config.batch_size)
+            rows.append({"model": label, "cluster": task.cluster, **score.to_dict()})
+    path = run.path("baseline.csv")
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return [run.rel(path)], {}
+
+
+def _relevance(run: _Run) -> tuple[list[str], dict]:
+    import pandas as pd
+
+    from tl_taskmap.neurons.relevance import relevance
+
+    files, rows = [], []
+    if run.sharded:  # each rank takes a share of every task's examples; the sums are merged exactly
+        from tl_taskmap.distributed import distributed_relevance
+
+        merged = distributed_relevance(run.model, run.selection, batch_size=run.config.batch_size, progress=run.progress)
+    for task in run.bar(list(run.selection), "relevance"):
+        rel = merged[task.name] if run.sharded else relevance(run.model, task, batch_size=run.config.batch_size)
+        path = run.path("relevance", f"{safe_name(task.name)}.safetensors")
+        rel.save(path)
+        files.append(run.rel(path))
+        per_layer = rel.scores.sum(1)
+        for layer, value in enumerate((per_layer / per_layer.sum()).tolist()):
+            rows.append({"task": task.name, "cluster": task.cluster, "layer": layer, "relevance_share": value})
+    path = run.path("relevance_by_layer.csv")
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return files + [run.rel(path)], {}
+
+
+def load_relevance(out: Path, names: Sequence[str]) -> dict[str, Any]:
+    """Task → :class:`~tl_taskmap.neurons.relevance.RelevanceScores` saved by a run in ``out``."""
+    from tl_taskmap.neurons.relevance import RelevanceScores
+
+    return {n: RelevanceScores.load(out / "relevance" / f"{safe_name(n)}.safetensors") for n in names}
+
+
+def load_neuron_sets(out: Path, names: Sequence[str]) -> dict[str, Any]:
+    """Task → :class:`~tl_taskmap.neurons.sets.NeuronSet` saved by a run in ``out``."""
+    from tl_taskmap.neurons.sets import NeuronSet
+
+    return {n: NeuronSet.load(out / "neurons" / f"{safe_name(n)}.json") for n in names}
+
+
+def _neurons(run: _Run) -> tuple[list[str], dict]:
+    from tl_taskmap.neurons.overlap import jaccard_matrix, overlap_sweep
+    from tl_taskmap.neurons.similarity import parameter_similarity_matrix
+
+    names = run.selection.names
+    rels = load_relevance(run.out, names)
+    sets = {n: rels[n].top(run.config.k, per_layer=run.config.per_layer).with_name(n) for n in names}
+    files = []
+    for name, neurons in sets.items():
+        neurons.save(run.path("neurons", f"{safe_name(name)}.json"))
+        files.append(f"neurons/{safe_name(name)}.json")
+    tables = {
+        "jaccard.csv": jaccard_matrix(sets),
+        "jaccard_per_layer.csv": jaccard_matrix(sets, per_layer=True),
+        "overlap_sweep.csv": overlap_sweep({n: r.scores for n, r in rels.items()}, per_layer=run.config.per_layer),
+        "parameter_similarity.csv": parameter_similarity_matrix(run.model, sets),
+    }
+    for file_name, table in tables.items():
+        table.to_csv(run.path("neurons", file_name), index=file_name == "jaccard.csv")
+        files.append(f"neurons/{file_name}")
+    return files, {"n_neurons": {n: len(s) for n, s in sets.items()}}
+
+
+def _drop_stale_captures(model: Any) -> None:
+    """Work around a TransformerLens 4.3 deep-copy hazard before copying the model again.
+
+    A deep-copied TransformerBridge keeps the original's ``ln1`` pre-hook closures, which write the
+    pre-LN residual onto the *original* model's attention bridges. Training a copy therefore leaves a
+    tensor with an autograd graph on the original, and the next ``copy.deepcopy`` of it fails ("Only
+    Tensors created explicitly by the user ... support the deepcopy protocol"). The bridge clears this
+    transient value itself after every block's forward; clearing it here is the same operation.
+    """
+    for module in as_adapter(model).model.modules():
+        if getattr(module, "_captured_pre_ln_residual", None) is not None:
+            module._captured_pre_ln_residual = None
+
+
+def _controls(run: _Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from tl_taskmap.neurons.finetune import load_control_model, save_control_model, train_control_model
+
+    cfg = run.config
+    controls = {task: load_control_model(run.model, folder) for task, folder in cfg.control_models.items()}
+    records = [{"task": t, "source": folder} for t, folder in cfg.control_models.items()]
+    to_train = [t for t in run.selection.names if t not in controls][: cfg.train_controls]
+    sets = load_neuron_sets(run.out, to_train) if cfg.control_neurons == "task" else {}
+    for name in run.bar(to_train, "control models"):
+        _drop_stale_captures(run.model)
+        control, result = train_control_model(run.model, run.selection[name], neurons=sets.get(name), steps=cfg.control_steps,
+                                              lr=cfg.control_lr, batch_size=cfg.batch_size, seed=cfg.seed, progress=run.progress,
+                                              return_result=True)
+        distributed.broadcast_module(control)  # ranks may round differently: every rank compares rank 0's control
+        controls[name] = control
+        record = {"task": name, "source": "trained", **result.to_dict()}
+        if cfg.save_controls:
+            record["saved"] = run.rel(save_control_model(control, run.folder("controls", safe_name(name)),
+                                                         base_model=run.model, task=name))
+        records.append(record)
+    return controls, records
+
+
+def _layers(run: _Run) -> tuple[list[str], dict]:
+    from tl_taskmap.stats.runner import compare_models
+
+    controls, records = _controls(run)
+    if run.sharded:  # each rank takes a share of every task's examples; the statistics are merged exactly
+        from tl_taskmap.distributed import distributed_compare_models
+
+        stats = distributed_compare_models(run.models(), run.evaluation, control_models=controls or None, sites=run.config.sites,
+                                           reduce=run.config.reduce, batch_size=run.config.batch_size, progress=run.progress)
+    else:
+        stats = compare_models(run.models(), run.evaluation, control_models=controls or None, sites=run.config.sites,
+                               reduce=run.config.reduce, batch_size=run.config.batch_size, progress=run.progress)
+    stats.save(run.folder("layers", "stats"))
+    stats.to_dataframe().to_csv(run.path("layers", "layer_stats.csv"), index=False)
+    run.path("layers", "controls.json").write_text(json.dumps(records, indent=1, default=str))
+    return ["layers/stats", "layers/layer_stats.csv", "layers/controls.json"], {"control_tasks": sorted(controls)}
+
+
+def _ablation(run: _Run) -> tuple[list[str], dict]:
+    from tl_taskmap.neurons.ablation import mean_activations
+    from tl_taskmap.neurons.ablation_matrix import ablation_matrix, specificity
+
+    cfg = run.config
+    sets = load_neuron_sets(run.out, run.selection.names)
+    means = mean_activations(run.model, run.selection) if cfg.ablation_mode == "mean" else None
+    matrix = ablation_matrix(run.model, run.evaluation, sets, seeds=[cfg.seed + i for i in range(cfg.seeds)], mode=cfg.ablation_mode,
+                             mean_activations=means, batch_size=cfg.batch_size, progress=run.progress)
+    matrix.save(run.path("ablation", "matrix.json"))
+    matrix.to_dataframe(per_seed=False).to_csv(run.path("ablation", "cells.csv"), index=False)
+    matrix.delta_table().to_csv(run.path("ablation", "delta_table.csv"))
+    specificity(matrix).to_csv(run.path("ablation", "specificity.csv"), index=False)
+    return [f"ablation/{f}" for f in ("matrix.json", "cells.csv", "delta_table.csv", "specificity.csv")], matrix.meta
+
+
+# ---------------------------------------------------------------------------------------- result
+@dataclass
+class ReportResult:
+    """What :func:`map_model` wrote; loaders read the saved results back.
+
+    Attributes:
+        out: The output folder. html: ``report.html``. figures: figure name → PNG path.
+        config: The configuration used. stages: stage name → its record (``cached``, ``seconds``, files).
+        seconds: Wall time of this call. left_out: Comparisons the run could not make, and why.
+
+    Example:
+        >>> result = map_model(MapConfig(out="r"))   # doctest: +SKIP
+        >>> result.baseline().head()                 # doctest: +SKIP
+    """
+
+    out: Path
+    html: Path
+    config: MapConfig
+    stages: dict[str, dict[str, Any]]
+    figures: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+    left_out: list[str] = field(default_factory=list)
+
+    def baseline(self) -> Any:
+        """Baseline scores (pandas DataFrame: model, task, metric, metric_value, loss, chance, ...)."""
+        import pandas as pd
+
+        return pd.read_csv(self.out / "baseline.csv")
+
+    def layer_stats(self) -> Any:
+        """The :class:`~tl_taskmap.stats.results.LayerStats` of the layer-map stage."""
+        from tl_taskmap.stats.results import LayerStats
+
+        return LayerStats.load(self.out / "layers" / "stats")
+
+    def neuron_sets(self) -> dict[str, Any]:
+        """Task → top-k% :class:`~tl_taskmap.neurons.sets.NeuronSet`."""
+        return load_neuron_sets(self.out, self.stages["neurons"]["n_neurons"])
+
+    def ablation(self) -> Any:
+        """The :class:`~tl_taskmap.neurons.ablation_matrix.AblationMatrix`."""
+        from tl_taskmap.neurons.ablation_matrix import AblationMatrix
+
+        return AblationMatrix.load(self.out / "ablation" / "matrix.json")
+
+    def __repr__(self) -> str:
+        ran = [n for n, r in self.stages.items() if not r.get("cached")]
+        return f"ReportResult({str(self.html)!r}, {len(self.figures)} figures, ran={ran}, {self.seconds:.0f} s)"
+
+
+def map_model(config: MapConfig, tasks: Any = None, *, force: bool = False, progress: bool = True,
+              log: Optional[Callable[[str], None]] = None) -> ReportResult:
+    """Run the whole task map for ``config`` and write the report folder.
+
+    Args:
+        config: The run's :class:`MapConfig` (validated here, before any model is loaded).
+        tasks: Tasks built in Python (a list of :class:`~tl_taskmap.tasks.Task` or a TaskSuite) to map instead
+            of ``config.tasks`` / the built-in suite; their contents are fingerprinted into the stage records
+            (``config.json`` cannot hold them, so pass the same tasks again to reuse finished stages).
+        force: Recompute every stage even where a matching one is on disk.
+        progress: Progress bars on long stages. log: Where stage messages go (default: stderr).
+
+    Returns:
+        A :class:`ReportResult`.
+
+    Example:
+        >>> result = map_model(MapConfig(out="report", examples=16, seeds=1))   # doctest: +SKIP
+        >>> result.stages["relevance"]["cached"]                                 # doctest: +SKIP
+        False
+    """
+    config.validate()
+    with distributed.maybe_distributed() as rank_device:  # a no-op unless launched by torchrun
+        device = config.device
+        if rank_device is not None and rank_device.type == "cuda" and device.startswith("cuda"):
+            device = str(rank_device)  # each rank its own GPU
+        if not distributed.is_main_process():
+            log = lambda message: None  # noqa: E731 - one rank speaks
+        return _map_model(config, tasks, force, progress, log, device)
+
+
+def _map_model(config: MapConfig, tasks: Any, force: bool, progress: bool, log: Optional[Callable[[str], None]], device: str) -> ReportResult:
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    run = _Run(config, tasks, log, progress, device)
+    if distributed.is_main_process():
+        run.out.mkdir(parents=True, exist_ok=True)
+        config.save(run.out / "config.json")
+    model_id = {"model": config.model, "dtype": config.dtype}
+    tasks_id = {"selection": _fingerprint(run.selection), "evaluation": _fingerprint(run.evaluation)}
+    store = StageStore(run.out, force)
+    stages: dict[str, dict[str, Any]] = {}
+    inputs: dict[str, dict[str, Any]] = {
+        "baseline": {**model_id, "second_model": config.second_model, **tasks_id},
+        "relevance": {**model_id, **tasks_id},
+    }
+    stages["baseline"] = store.run("baseline", inputs["baseline"], lambda: _baseline(run), log)
+    stages["relevance"] = store.run("relevance", inputs["relevance"], lambda: _relevance(run), log)
+    inputs["neurons"] = {"relevance": stages["relevance"]["hash"], **config.parts("k", "per_layer")}
+    stages["neurons"] = store.run("neurons", inputs["neurons"], lambda: _neurons(run), log)
+    inputs["layers"] = {**model_id, **tasks_id, **config.parts("second_model", "sites", "reduce", "train_controls", "control_steps",
+                                                              "control_lr", "control_neurons", "control_models", "seed"),
+                        "neurons": stages["neurons"]["hash"] if config.control_neurons == "task" else None}
+    stages["layers"] = store.run("layers", inputs["layers"], lambda: _layers(run), log)
+    inputs["ablation"] = {"neurons": stages["neurons"]["hash"], **model_id, **tasks_id, **config.parts("seeds", "ablation_mode", "seed")}
+    stages["ablation"] = store.run("ablation", inputs["ablation"], lambda: _ablation(run), log)
+
+    from tl_taskmap.report_html import left_out, write_report
+
+    notes = left_out(config, run.selection, stages["layers"].get("control_tasks", []))
+    log("[report] writing figures and report.html")
+    html, figures = run.out / "report.html", {}
+    if distributed.is_main_process():
+        html, figures = write_report(run.out, config, run.selection, run.evaluation, stages, notes,
+                                     seconds=time.perf_counter() - start, model_seconds=run.model_seconds)
+    distributed.barrier()
+    if run.write_root != run.out:
+        shutil.rmtree(run.write_root, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    log(f"report: {html} ({seconds:.0f} s; stages run: {[n for n, r in stages.items() if not r['cached']] or 'none'})")
+    return ReportResult(run.out, html, config, stages, figures, seconds, notes)

@@ -1,0 +1,286 @@
+"""The configuration of a task-map run (:class:`MapConfig`) and its validation.
+
+:meth:`MapConfig.validate` checks every field — paths, ``k``, seeds, dtype and device names, sites —
+without loading a model, so the command line fails on a bad option in a fraction of a second. The
+pipeline itself is :func:`tl_taskmap.report.map_model`.
+
+Example:
+    >>> from tl_taskmap.report_config import MapConfig
+    >>> MapConfig(out="report", k=0.05).validate().to_dict()["k"]
+    0.05
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+DTYPES = ("float32", "bfloat16", "float16")
+REDUCTIONS = ("last", "mean")
+ABLATION_MODES = ("zero", "mean", "params")
+CONTROL_NEURONS = ("full", "task")
+TASK_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ConfigError(ValueError):
+    """A :class:`MapConfig` that cannot run; raised before any model is loaded."""
+
+
+@dataclass
+class MapConfig:
+    """Everything one task-map run depends on; written to ``<out>/config.json``.
+
+    Attributes:
+        out: Output folder.
+        model: ``None`` for the embedded SmolLM2-135M-Instruct, else a local Hugging Face folder or a
+            hub name, booted as a ``TransformerBridge``.
+        second_model: Optional second model on the same inputs (e.g. the base model of ``model``):
+            CKA between the two per layer, and the paper's base-vs-tuned layer sections.
+        control_models: Task name → folder saved by :func:`~tl_taskmap.neurons.finetune.save_control_model`.
+        train_controls: Train control models C_t for this many tasks (the first ones without a given
+            control model); 0 for none. controls are cheap on CPU: few steps, short prompts.
+        control_steps, control_lr: Fine-tuning budget of each trained control model.
+        control_neurons: ``"full"`` (all parameters, as in the paper's C_t) or ``"task"`` (only the
+            task's top-k neurons).
+        save_controls: Also write trained control models to ``<out>/controls/<task>/`` (safetensors).
+        tasks: Empty for the built-in suite, else task files (``.json/.jsonl/.csv/.parquet``, or a
+            BIG-bench ``task.json``) or ``hf:NAME`` for a ``datasets`` hub name (needs internet).
+        task_names: Tasks of the built-in suite to use (default: :data:`DEFAULT_TASKS`).
+        template: Prompt template of file / datasets tasks: ``{column}`` placeholders, e.g.
+            ``"Review: {text}\nSentiment:"`` (a BIG-bench ``task.json`` uses ``{input}``; default there: ``Q: {input}\nA:``).
+        target_template: Answer template, e.g. ``" {label}"``; with options, an integer picks ``options[i]``.
+            Answers usually start with a space (``" positive"``) so they tokenize as a continuation.
+        options: Answer options shared by every row (multiple choice); options_field: a column holding
+            each row's options instead. Neither: generation (exact match).
+        split: Split of a ``datasets`` hub task.
+        examples: Examples per task (half selects neurons, half measures); at least 8.
+        sites: Site kinds captured for the layer map (``resid_post``, ``mlp_out``, ...).
+        reduce: Per-example reduction: ``"last"`` prompt token (the paper's) or ``"mean"``.
+        k: Fraction of neurons per task set (top-k%, 0.1 = 10%). per_layer: top-k per layer or global.
+        seeds: Random neuron sets per ablation row (matched per-layer counts).
+        ablation_mode: ``"zero"``, ``"mean"`` or ``"params"``.
+        device, dtype, batch_size, seed: Where and how things run; ``seed`` fixes splits and training.
+
+    Example:
+        >>> cfg = MapConfig(out="report", k=0.05, seeds=2)
+        >>> cfg.validate().k
+        0.05
+    """
+
+    out: str = "taskmap-report"
+    model: Optional[str] = None
+    second_model: Optional[str] = None
+    control_models: dict[str, str] = field(default_factory=dict)
+    train_controls: int = 2
+    control_steps: int = 6
+    control_lr: float = 1e-4
+    control_neurons: str = "full"
+    save_controls: bool = False
+    tasks: list[str] = field(default_factory=list)
+    task_names: list[str] = field(default_factory=list)
+    template: str = "{input}"
+    target_template: str = "{target}"
+    options: list[str] = field(default_factory=list)
+    options_field: Optional[str] = None
+    split: str = "train"
+    examples: int = 24
+    sites: list[str] = field(default_factory=lambda: ["resid_post"])
+    reduce: str = "last"
+    k: float = 0.1
+    per_layer: bool = True
+    seeds: int = 2
+    ablation_mode: str = "zero"
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 8
+    seed: int = 0
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "MapConfig":
+        """Check every field without loading a model; raise :class:`ConfigError` naming the field.
+
+        Example:
+            >>> MapConfig(k=1.5).validate()
+            Traceback (most recent call last):
+            ...
+            tl_taskmap.report_config.ConfigError: k must be in (0, 1] (a fraction: 0.1 = top 10%), got 1.5
+        """
+        _check(isinstance(self.k, (int, float)) and not isinstance(self.k, bool) and 0 < self.k <= 1,
+               f"k must be in (0, 1] (a fraction: 0.1 = top 10%), got {self.k!r}")
+        for name, low in (("seeds", 1), ("examples", 8), ("batch_size", 1), ("train_controls", 0), ("control_steps", 1), ("seed", 0)):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"{name} must be an integer ≥ {low}, got {value!r}")
+        _check(isinstance(self.control_lr, (int, float)) and self.control_lr > 0, f"control_lr must be positive, got {self.control_lr!r}")
+        for name, options in (("dtype", DTYPES), ("reduce", REDUCTIONS), ("ablation_mode", ABLATION_MODES), ("control_neurons", CONTROL_NEURONS)):
+            _check(getattr(self, name) in options, f"{name} must be one of {options}, got {getattr(self, name)!r}")
+        _check_device(self.device)
+        _check_sites(self.sites)
+        for name in ("model", "second_model"):
+            if getattr(self, name) is not None:
+                _check_model_source(getattr(self, name), name)
+        for task, folder in self.control_models.items():
+            path = Path(folder).expanduser()
+            _check((path / "manifest.json").is_file() and (path / "weights.safetensors").is_file(),
+                   f"control model for {task!r}: {folder} is not a saved control model (needs manifest.json and weights.safetensors)")
+        for spec in self.tasks:
+            _check_task_spec(spec)
+        if self.tasks:
+            for name in ("template", "target_template"):
+                _check("{" in getattr(self, name), f"{name} {getattr(self, name)!r} has no {{column}} placeholder, e.g. '{{input}}'")
+            _check(not (self.options and self.options_field), "give shared options or an options_field, not both")
+        out = Path(self.out).expanduser()
+        _check(not out.exists() or out.is_dir(), f"out={self.out!r} exists and is not a folder")
+        return self
+
+    # ------------------------------------------------------------------ I/O
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MapConfig":
+        """Build from a dict (e.g. a ``config.json``); unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown configuration keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MapConfig":
+        """Read a ``config.json`` written by a previous run.
+
+        Example:
+            >>> cfg = MapConfig.load("taskmap-report/config.json")   # doctest: +SKIP
+        """
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read the configuration {path}: {err}") from None
+        return cls.from_dict(data)
+
+    def parts(self, *names: str) -> dict[str, Any]:
+        """The named fields, for a stage hash."""
+        return {n: getattr(self, n) for n in names}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device {device!r} is not a torch device name (cpu, cuda, cuda:1, mps): {err}") from None
+    if dev.type == "cuda":
+        _check(torch.cuda.is_available(), f"device {device!r} asked for, but torch sees no CUDA device")
+        _check(dev.index is None or dev.index < torch.cuda.device_count(), f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
+    elif dev.type == "mps":
+        _check(torch.backends.mps.is_available(), f"device {device!r} asked for, but MPS is not available")
+    else:
+        _check(dev.type == "cpu", f"device {device!r}: use cpu, cuda, cuda:N or mps")
+
+
+def _check_sites(sites: Sequence[str]) -> None:
+    from tl_taskmap.models import SITE_ALIASES, SITE_TEMPLATES
+
+    _check(isinstance(sites, (list, tuple)) and len(sites) > 0, "sites: name at least one site, e.g. resid_post")
+    valid = sorted(set(SITE_TEMPLATES) | set(SITE_ALIASES))
+    for site in sites:
+        _check(isinstance(site, str) and (site in valid or re.fullmatch(r"blocks\.\d+\.[\w.]+", site) is not None),
+               f"unknown site {site!r}; valid sites: {valid} (or a full hook name such as blocks.3.hook_resid_post)")
+
+
+def _check_model_source(source: str, what: str) -> None:
+    path = Path(source).expanduser()
+    if path.exists():
+        _check(path.is_dir() and (path / "config.json").is_file(), f"{what}={source!r} is not a Hugging Face model folder (no config.json)")
+        return
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
+    _check(not looks_like_path and _HUB_NAME.match(source) is not None,
+           f"{what}={source!r}: no such folder, and not a hub name like 'org/model'")
+
+
+def _check_task_spec(spec: str) -> None:
+    if spec.startswith("hf:"):
+        _check(_HUB_NAME.match(spec[3:]) is not None, f"task {spec!r}: write a datasets hub name as hf:NAME, e.g. hf:stanfordnlp/imdb")
+        return
+    path = Path(spec).expanduser()
+    _check(path.exists(), f"task file {spec!r} does not exist (use hf:NAME for a datasets hub name)")
+    _check(path.is_dir() and (path / "task.json").is_file() or path.suffix in TASK_FILE_SUFFIXES,
+           f"task file {spec!r}: expected one of {TASK_FILE_SUFFIXES} or a BIG-bench folder with task.json")
+
+
+# ---------------------------------------------------------------------------------------- tasks
+#: Tasks of the built-in suite that a default run maps: three clusters (sentiment, semantics,
+#: morphology), two multiple-choice tasks and one generation task, all well above chance for the
+#: embedded model (so ablation has something to remove) and cheap to score (evaluation cost grows with
+#: answer options × examples, and generation decodes token by token). The ablation matrix costs
+#: ``(1 + tasks + seeds) × tasks`` task evaluations, so each extra task adds minutes on a CPU;
+#: ``--task-names`` picks others (``tl_taskmap.suite.default_task_names()`` lists all).
+DEFAULT_TASKS: tuple[str, ...] = ("word_sentiment", "phrase_relatedness", "past_tense")
+
+
+def _load_task_spec(spec: str, config: MapConfig) -> Any:
+    from tl_taskmap.suite import load_dataset_task
+
+    path = Path(spec).expanduser()
+    if not spec.startswith("hf:") and (path.name == "task.json" or (path / "task.json").is_file()):
+        from tl_taskmap.bigbench import QA_TEMPLATE, load_bigbench_task
+
+        return load_bigbench_task(path, template=QA_TEMPLATE if config.template == "{input}" else config.template)
+    fields = {"prompt": config.template, "target": config.target_template, "options": config.options_field or config.options or None,
+              "max_examples": config.examples, "seed": config.seed}
+    try:
+        if spec.startswith("hf:"):
+            return load_dataset_task(spec[3:], name=spec[3:].rsplit("/", 1)[-1], split=config.split, **fields)
+        return load_dataset_task(str(path), **fields)
+    except (ValueError, KeyError) as err:  # a template naming a missing column, a bad target, ...
+        raise ConfigError(f"task {spec!r}: {err}") from None
+
+
+def load_suite(config: MapConfig, tasks: Any = None) -> tuple[Any, Any]:
+    """The configured tasks as ``(selection, evaluation)`` suites: ``examples`` per task, split in half.
+
+    ``tasks`` (a Task list or TaskSuite built in Python) replaces ``config.tasks`` and the built-in suite.
+
+    Raises :class:`ConfigError` (before any model is loaded) for unknown task names, fewer than two
+    tasks, or tasks with fewer than 4 examples.
+
+    Example:
+        >>> selection, evaluation = load_suite(MapConfig(examples=16))   # doctest: +SKIP
+        >>> len(selection[0]), len(evaluation[0])                        # doctest: +SKIP
+        (8, 8)
+    """
+    from tl_taskmap.tasks import TaskSuite
+
+    if tasks is not None:
+        from tl_taskmap.tasks import as_suite
+
+        suite = as_suite(tasks)
+    elif config.tasks:
+        suite = TaskSuite([_load_task_spec(spec, config) for spec in config.tasks])
+    else:
+        from tl_taskmap.suite import default_suite, default_task_names
+
+        available = default_task_names()
+        names = list(config.task_names) or [n for n in DEFAULT_TASKS if n in available] or available
+        unknown = [n for n in names if n not in available]
+        _check(not unknown, f"unknown task names {unknown}; the built-in suite has {available}")
+        suite = default_suite(max_examples=config.examples, seed=config.seed, names=names).select(names)
+    _check(len(suite) >= 2, f"a task map needs at least two tasks (overlap and ablation compare tasks), got {suite.names}")
+    small = [f"{t.name} ({len(t)})" for t in suite if len(t) < 4]
+    _check(not small, f"tasks with fewer than 4 examples cannot be split into selection and evaluation halves: {small}")
+    return suite.subset(config.examples, seed=config.seed).split(0.5, seed=config.seed)

@@ -1,0 +1,319 @@
+"""The report writer: figures from a run's saved results, and one self-contained ``report.html``.
+
+Everything is read back from the output folder (so the report can be rebuilt without a model):
+figures are drawn with :mod:`tl_taskmap.plots`, saved as ``figures/<name>.png`` and embedded in the
+HTML as base64 ``data:`` URIs; the style sheet is inline; there are no scripts and no external
+links, so the file renders the same offline, attached to an e-mail or in a headless browser.
+
+Example:
+    >>> from tl_taskmap.report_html import write_report
+    >>> html, figures = write_report(out, config, selection, evaluation, stages, notes, seconds=200.0)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import html as html_lib
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;background:#fafafa;line-height:1.45}
+main{max-width:1100px;margin:auto;padding:1.5em 2em;background:#fff}
+h1{margin-top:0}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+nav a{margin-right:1em}figure{margin:1.2em 0;text-align:center}figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.9em;color:#555;text-align:left;max-width:900px;margin:.4em auto}
+table{border-collapse:collapse;font-size:.85em;margin:.8em 0}th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right}
+th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
+.note{background:#fff8e1;border-left:4px solid #ffb300;padding:.5em 1em;margin:1em 0}
+.error{background:#ffebee;border-left:4px solid #e53935;padding:.5em 1em}
+.wide{overflow-x:auto}pre{background:#f5f5f5;padding:1em;overflow-x:auto;font-size:.85em}ul.findings li{margin:.3em 0}
+"""
+
+
+class _Figures:
+    """Draws, saves and embeds figures; a figure that fails is reported in the page, not hidden."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.paths, self.errors = folder, {}, {}
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def html(self, name: str, caption: str, draw: Callable[[], Any]) -> str:
+        try:
+            fig = draw()
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=110)
+            _close(fig)
+        except Exception as err:  # noqa: BLE001 - one broken figure must not lose the whole report
+            self.errors[name] = f"{type(err).__name__}: {err}"
+            return f'<p class="error">Figure <b>{name}</b> could not be drawn: {_esc(self.errors[name])}</p>'
+        data = buffer.getvalue()
+        (self.folder / f"{name}.png").write_bytes(data)
+        self.paths[name] = self.folder / f"{name}.png"
+        encoded = base64.b64encode(data).decode("ascii")
+        return (f'<figure id="fig-{name}"><img alt="{_esc(name)}" src="data:image/png;base64,{encoded}">'
+                f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _close(fig: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # a no-op for figures pyplot does not manage
+
+
+def _esc(text: Any) -> str:
+    return html_lib.escape(str(text))
+
+
+def _table(frame: pd.DataFrame, index: bool = False, digits: int = 3) -> str:
+    table = frame.to_html(index=index, float_format=lambda v: f"{v:.{digits}f}", border=0, na_rep="–", escape=True)
+    return f"<div class='wide'>{table}</div>"
+
+
+def _read(path: Path) -> Optional[pd.DataFrame]:
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def _new_axes(n: int, size: tuple[float, float]) -> tuple[Any, list]:
+    from tl_taskmap.plots import _new_axes as new_axes
+
+    return new_axes(None, size, n)
+
+
+# ---------------------------------------------------------------------------------------- sections
+def _tasks_section(fig: _Figures, baseline: pd.DataFrame, selection: Any, evaluation: Any) -> str:
+    from tl_taskmap import plots
+
+    rows = [{"task": s.name, "cluster": s.cluster, "metric": s.metric, "selection examples": len(s), "evaluation examples": len(e),
+             "example prompt": (s.examples[0].prompt[:90] + "…") if len(s.examples[0].prompt) > 90 else s.examples[0].prompt}
+            for s, e in zip(selection, evaluation)]
+    shown = baseline[["model", "task", "cluster", "metric", "metric_value", "chance", "loss", "n"]]
+    return ("<h2 id='tasks'>Tasks and baseline</h2><p>Each task is split in half with a fixed seed: the <i>selection</i> half "
+            "finds neurons and trains control models, the <i>evaluation</i> half measures everything below. Accuracy compares "
+            "the answer options' mean token log-likelihood; exact match / ROUGE-L score greedy generations.</p>"
+            + _table(pd.DataFrame(rows))
+            + fig.html("baseline", "Metric of each task on the evaluation half; dashed: chance. Tasks near chance carry little "
+                                   "signal for ablation (there is nothing to lose).", lambda: plots.plot_baseline(baseline))
+            + _table(shown))
+
+
+def _layers_section(fig: _Figures, stats: Any, has_second: bool, controls: list[dict]) -> tuple[str, Any]:
+    from tl_taskmap import plots
+    from tl_taskmap.report import CONTROL_LABEL, MODEL_LABEL, SECOND_LABEL
+
+    parts = ["<h2 id='layers'>Layer map</h2><p>Representations are the residual stream at the last prompt token "
+             f"({', '.join(stats.sites)}), one vector per example and layer (layer <i>l</i> = output of block <i>l</i>, "
+             "0-based; Hugging Face <code>hidden_states[l+1]</code>). Linear CKA compares two models' representations of the "
+             "same examples; the <b>debiased</b> estimator corrects the upward bias of plain (biased) CKA when there are few "
+             "examples per dimension, as here.</p>"]
+    sections = None
+    control_pairs = [p for p in stats.pairs if CONTROL_LABEL in p]
+    if control_pairs:
+        base = SECOND_LABEL if has_second else None
+        sections = stats.sections(tuned=MODEL_LABEL, base=base, estimator="debiased")
+        trained = ", ".join(f"{c['task']} ({c.get('source')})" for c in controls)
+        parts.append(fig.html(
+            "cka_curves", f"CKA per layer between each model and the per-task control models C<sub>t</sub> (mean over the tasks "
+            f"that have one: {_esc(trained)}; band: min–max), biased (left) and debiased (right); shading: layer sections "
+            "found on the debiased curves.", lambda: _cka_panels(stats, control_pairs, sections)))
+        spans = {n: getattr(sections, n) for n in ("shared", "transition", "refinement")}
+        described = ", ".join(f"{n} {s[0]}–{s[1]}" if s else f"no {n} section" for n, s in spans.items())
+        caveat = ("" if has_second else " Without a base model the rule sees only this curve's own peak, so early layers "
+                  "that stay similar for every model read as a 'transition': treat these sections as a description of the "
+                  "curve, not as the paper's shared / transition / refinement finding (add --second-model).")
+        parts.append(f"<p><b>Sections:</b> {_esc(described)}." + (f" {_esc(sections.reason)}" if sections.reason else "")
+                     + f"</p><p class='note'>Rule: {_esc(sections.rule)}{_esc(caveat)}</p>")
+    if (MODEL_LABEL, SECOND_LABEL) in stats.pairs or (SECOND_LABEL, MODEL_LABEL) in stats.pairs:
+        parts.append(fig.html("cka_model_vs_second", "CKA between the model and the second model per layer, across tasks.",
+                              lambda: plots.plot_cka_boxes(stats, (MODEL_LABEL, SECOND_LABEL), estimator="debiased")))
+    parts.append(fig.html("dims_99", "Number of principal dimensions explaining 99% of the variance of each task's "
+                                     "representations, per layer (mean over tasks; band: min–max). It cannot exceed the "
+                                     "number of evaluation examples minus one.", lambda: plots.plot_dims_for_99(stats)))
+    layers = list(stats.meta.get("embedding_layers", []))
+    if layers:
+        parts.append(fig.html("task_similarity", "Task × task cosine similarity of mean task representations (centred on the "
+                                                 f"mean over tasks) at layers {layers}: which tasks the model represents alike.",
+                              lambda: _similarity_panels(stats, layers)))
+        parts.append(fig.html("tsne", f"t-SNE of per-example representations at layers {layers}, coloured by task.",
+                              lambda: plots.plot_task_embedding(stats, layers, model=MODEL_LABEL)))
+    return "".join(parts), sections
+
+
+def _cka_panels(stats: Any, pairs: Sequence[tuple[str, str]], sections: Any) -> Any:
+    from tl_taskmap import plots
+
+    fig, axes = _new_axes(2, (6.0, 3.6))
+    for ax, estimator in zip(axes, ("biased", "debiased")):
+        plots.plot_cka_curves(stats, pairs, estimator=estimator, sections=sections, ax=ax)
+        ax.set_title(f"{estimator} CKA")
+    return fig
+
+
+def _similarity_panels(stats: Any, layers: Sequence[int]) -> Any:
+    from tl_taskmap import plots
+
+    n = len(stats.tasks)
+    fig, axes = _new_axes(len(layers), (max(3.5, 0.4 * n + 2), max(3.0, 0.4 * n + 1.5)))
+    for ax, layer in zip(axes, layers):
+        plots.plot_task_similarity(stats, layer, centre=True, ax=ax)
+        ax.set_title(f"layer {layer}")
+    fig.suptitle("cosine of centred task means")
+    return fig
+
+
+def _neurons_section(fig: _Figures, out: Path, k: float, per_layer: bool) -> str:
+    from tl_taskmap import plots
+
+    rel = _read(out / "relevance_by_layer.csv")
+    jaccard = pd.read_csv(out / "neurons" / "jaccard.csv", index_col=0)
+    layer_overlap, sweep = _read(out / "neurons" / "jaccard_per_layer.csv"), _read(out / "neurons" / "overlap_sweep.csv")
+    params = _read(out / "neurons" / "parameter_similarity.csv")
+    return ("<h2 id='neurons'>Task neurons</h2><p>Relevance of MLP neuron <i>j</i> in layer <i>l</i> for a task is "
+            "Σ|∂L/∂a·a| over the selection examples' answer tokens (a first-order estimate of the loss change from zeroing it, "
+            f"Leng &amp; Xiong 2024); each task's set is its top {k:.0%} neurons"
+            f"{' in every layer' if per_layer else ' over the whole model'}.</p>"
+            + fig.html("relevance_by_layer", "Share of each task's total relevance per layer.", lambda: plots.plot_relevance_by_layer(rel))
+            + fig.html("jaccard", f"Jaccard overlap |A∩B|/|A∪B| of the tasks' top-{k:.0%} sets. Two random sets of this size "
+                                  f"overlap by {plots.random_jaccard(k):.3f} on average.", lambda: plots.plot_jaccard_matrix(jaccard))
+            + fig.html("overlap_by_layer", "Overlap per layer, mean over task pairs, against random sets.",
+                       lambda: plots.plot_overlap_by_layer(layer_overlap, k))
+            + fig.html("overlap_sweep", "Overlap as the selected fraction grows (the paper's Table 8 sweep); at 100% every set is "
+                                        "the whole model.", lambda: plots.plot_overlap_sweep(sweep))
+            + fig.html("parameter_similarity", "Cosine similarity of the task sets' neuron parameters within the model, per layer "
+                                               "(masked reading: weight-norm-weighted overlap).",
+                       lambda: plots.plot_parameter_similarity(params)))
+
+
+def _ablation_section(fig: _Figures, matrix: Any, spec: pd.DataFrame) -> str:
+    from tl_taskmap import plots
+    from tl_taskmap.neurons.ablation_matrix import plot_ablation_matrix
+
+    def heatmap() -> Any:
+        table = matrix.delta_table()
+        fig_, (ax,) = _new_axes(1, (3.0 + 1.1 * table.shape[1], 2.0 + 0.5 * table.shape[0]))
+        plot_ablation_matrix(matrix, ax=ax)
+        return fig_
+
+    cols = ["task", "metric", "baseline", "own_drop", "random_drop", "other_drop", "vs_random", "vs_random_low", "vs_random_high",
+            "vs_other", "vs_other_low", "vs_other_high"]
+    return (f"<h2 id='ablation'>Ablation</h2><p>Each row switches a neuron set off (mode <code>{_esc(matrix.mode)}</code>) and "
+            "scores every task on its evaluation half; <code>random(t)</code> rows average "
+            f"{len(matrix.seeds)} random sets with exactly the per-layer counts of task <i>t</i>'s set. Cells: metric change "
+            "(ablated − baseline).</p>"
+            + fig.html("ablation_matrix", "Task × task ablation matrix with random baselines (below the line).", heatmap)
+            + fig.html("specificity", "Extra drop of each task's metric from its own neurons compared with random neurons and with "
+                                      "the other tasks' neurons; bars: 95% bootstrap intervals over examples (and random seeds).",
+                       lambda: plots.plot_specificity(spec))
+            + _table(spec[cols]))
+
+
+def _findings(baseline: pd.DataFrame, spec: Optional[pd.DataFrame], jaccard: pd.DataFrame, k: float, sections: Any,
+              rel: Optional[pd.DataFrame], has_base: bool) -> str:
+    from tl_taskmap.plots import random_jaccard
+
+    items = []
+    own = baseline[baseline["model"] == "model"]
+    above = [(r.task) for r in own.itertuples() if r.chance == r.chance and r.metric_value > r.chance]
+    n_choice = int(own["chance"].notna().sum())
+    if n_choice:
+        items.append(f"{len(above)} of {n_choice} multiple-choice tasks are above chance on the evaluation half.")
+    off = jaccard.to_numpy(float)[~np.eye(len(jaccard), dtype=bool)]
+    if off.size:
+        items.append(f"Task neuron sets (top {k:.0%}) overlap by Jaccard {off.mean():.3f} on average (range {off.min():.3f}–"
+                     f"{off.max():.3f}); random sets of the same size would overlap by {random_jaccard(k):.3f}.")
+    if rel is not None and len(rel):
+        peak = rel.groupby("layer")["relevance_share"].mean()
+        top = ", ".join(str(int(x)) for x in peak.sort_values(ascending=False).index[:3])
+        items.append(f"Relevance is highest (mean over tasks) in layers {top}.")
+    if spec is not None and len(spec):
+        sig = spec[(spec["vs_random_low"] > 0)]
+        items.append(f"Ablating a task's own neurons hurts it more than random neurons with a 95% interval above zero for "
+                     f"{len(sig)} of {len(spec)} tasks (mean extra drop {spec['vs_random'].mean():+.3f}); more than other "
+                     f"tasks' neurons: mean {spec['vs_other'].mean():+.3f}.")
+    if sections is not None:
+        items.append("Layer sections: " + (", ".join(f"{n} {s[0]}–{s[1]}" for n in ("shared", "transition", "refinement")
+                                                     if (s := getattr(sections, n)) is not None) or "none identified")
+                     + (f" ({sections.reason})" if sections.reason else "")
+                     + ("" if has_base else " — from CKA to the control models alone, without a base model: descriptive only") + ".")
+    return "<ul class='findings'>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
+
+
+def left_out(config: Any, selection: Any, control_tasks: Sequence[str]) -> list[str]:
+    """Plain-language list of the comparisons a run could not make, and why."""
+    notes = []
+    if not config.second_model:
+        notes.append("No base (pre-trained) model was compared: no same-family base/instruction-tuned pair loads offline "
+                     "(the embedded SmolLM2-135M is instruction-tuned). Layer sections therefore come from CKA(model, control) "
+                     "alone, without the paper's 'tuned above base' test. Add one with --second-model.")
+    missing = [t for t in selection.names if t not in control_tasks]
+    if missing:
+        notes.append(f"Control models (one fine-tuned copy per task, the paper's C_t) exist for {len(control_tasks)} of "
+                     f"{len(selection)} tasks ({', '.join(control_tasks) or 'none'}); to stay within a CPU budget none was "
+                     f"trained for {', '.join(missing)}, so those tasks have no CKA-to-control curve (raise --train-controls).")
+    if control_tasks and any(t not in config.control_models for t in control_tasks):
+        trained = "all parameters" if config.control_neurons == "full" else "only the task's top-k neurons"
+        notes.append(f"Trained control models are short fine-tunes ({config.control_steps} steps, lr {config.control_lr}, "
+                     f"{trained}) on {config.examples // 2} examples, far from the paper's 3-epoch LoRA controls: their CKA "
+                     "curves show where a few steps of training on one task move the representations, not what a converged "
+                     "single-task model looks like.")
+    notes.append("The paper's experimental model E (fine-tuned on all tasks together) is not trained here: the given model stands in for E.")
+    notes.append("Neuron-restricted fine-tuning and NCFT continual learning are not part of the report (they train several "
+                 "models); tutorial 04 runs them.")
+    return notes
+
+
+def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages: dict[str, dict], notes: Sequence[str], *,
+                 seconds: float, model_seconds: float = 0.0) -> tuple[Path, dict[str, Path]]:
+    """Draw every figure from the results in ``out`` and write ``out/report.html``; returns ``(html, figures)``.
+
+    Example:
+        >>> html, figures = write_report(Path("report"), config, sel, ev, stages, notes, seconds=120.0)   # doctest: +SKIP
+    """
+    from tl_taskmap.neurons.ablation_matrix import AblationMatrix
+    from tl_taskmap.stats.results import LayerStats
+
+    out = Path(out)
+    fig = _Figures(out / "figures")
+    baseline = pd.read_csv(out / "baseline.csv")
+    stats = LayerStats.load(out / "layers" / "stats")
+    controls = json.loads((out / "layers" / "controls.json").read_text())
+    matrix = AblationMatrix.load(out / "ablation" / "matrix.json")
+    spec = pd.read_csv(out / "ablation" / "specificity.csv")
+    tasks_html = _tasks_section(fig, baseline, selection, evaluation)
+    layers_html, sections = _layers_section(fig, stats, bool(config.second_model), controls)
+    neurons_html = _neurons_section(fig, out, config.k, config.per_layer)
+    ablation_html = _ablation_section(fig, matrix, spec)
+    findings = _findings(baseline, spec, pd.read_csv(out / "neurons" / "jaccard.csv", index_col=0), config.k, sections,
+                         _read(out / "relevance_by_layer.csv"), bool(config.second_model))
+    model_name = config.model or "SmolLM2-135M-Instruct (embedded)"
+    timing = pd.DataFrame([{"stage": n, "reused": bool(r.get("cached")), "seconds (when computed)": r["seconds"]} for n, r in stages.items()])
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "report.html")
+    body = (
+        f"<h1>Task map of {_esc(model_name)}</h1>"
+        f"<p>{len(selection)} tasks ({_esc(', '.join(selection.names))}), {config.examples} examples each, top-k = {config.k:g}, "
+        f"{config.seeds} random seeds, {_esc(config.device)}/{_esc(config.dtype)}. Computing the stages took "
+        f"{sum(r['seconds'] for r in stages.values()):.0f} s; this run took {seconds:.0f} s"
+        + (f" (model loading {model_seconds:.0f} s)" if model_seconds else "")
+        + (f", reusing {sum(bool(r.get('cached')) for r in stages.values())} finished stages" if any(r.get("cached") for r in stages.values()) else "")
+        + ".</p>"
+        "<nav><a href='#findings'>Findings</a><a href='#tasks'>Tasks</a><a href='#layers'>Layer map</a><a href='#neurons'>Neurons</a>"
+        "<a href='#ablation'>Ablation</a><a href='#left-out'>Left out</a><a href='#files'>Files</a><a href='#config'>Configuration</a></nav>"
+        f"<h2 id='findings'>Findings</h2>{findings}"
+        + tasks_html + layers_html + neurons_html + ablation_html
+        + "<h2 id='left-out'>Left out, and why</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>"
+        + (f"<p class='error'>Figures that failed: {_esc(fig.errors)}</p>" if fig.errors else "")
+        + "<h2 id='files'>Files and timings</h2>" + _table(timing, digits=1)
+        + "<p>Results as data, next to this file:</p><pre>" + _esc("\n".join(files)) + "</pre>"
+        + "<h2 id='config'>Configuration</h2><p>Repeat this run with <code>tl-taskmap map --config config.json</code>.</p><pre>"
+        + _esc(json.dumps(config.to_dict(), indent=1)) + "</pre>"
+    )
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tl_taskmap: {_esc(model_name)}</title>"
+            f"<style>{CSS}</style></head><body><main>{body}</main></body></html>\n")
+    html_path = out / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return html_path, dict(fig.paths)
