@@ -271,7 +271,8 @@ def plot_jaccard_matrix(table: pd.DataFrame, *, ax: Any = None, title: str = "Ja
         >>> fig = plot_jaccard_matrix(jaccard_matrix(sets))   # doctest: +SKIP
     """
     n = len(table)
-    fig, (ax,) = _new_axes(ax, (max(3.5, 0.55 * n + 2), max(3.0, 0.55 * n + 1.2)))
+    label_room = 0.07 * max((len(str(t)) for t in table.index), default=0)  # inches for the longest task name
+    fig, (ax,) = _new_axes(ax, (max(4.5, 0.55 * n + 2 + label_room), max(3.0, 0.55 * n + 1.2 + label_room)))
     values = table.to_numpy(np.float64)
     image = ax.imshow(values, cmap="magma", vmin=0, vmax=1)
     ax.set_xticks(np.arange(n), [str(t) for t in table.columns], rotation=45, ha="right")
