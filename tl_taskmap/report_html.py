@@ -189,7 +189,7 @@ def _neurons_section(fig: _Figures, out: Path, k: float, per_layer: bool) -> str
                        lambda: plots.plot_parameter_similarity(params)))
 
 
-def _ablation_section(fig: _Figures, matrix: Any, spec: pd.DataFrame) -> str:
+def _ablation_section(fig: _Figures, matrix: Any, spec: pd.DataFrame, per_layer: bool) -> str:
     from tl_taskmap import plots
     from tl_taskmap.neurons.ablation_matrix import plot_ablation_matrix
 
@@ -204,7 +204,10 @@ def _ablation_section(fig: _Figures, matrix: Any, spec: pd.DataFrame) -> str:
     return (f"<h2 id='ablation'>Ablation</h2><p>Each row switches a neuron set off (mode <code>{_esc(matrix.mode)}</code>) and "
             "scores every task on its evaluation half; <code>random(t)</code> rows average "
             f"{len(matrix.seeds)} random sets with exactly the per-layer counts of task <i>t</i>'s set. Cells: metric change "
-            "(ablated − baseline).</p>"
+            "(ablated − baseline)."
+            + (" With per-layer top-k every task's set has the same count in every layer, so the random rows are the same "
+               "sets (evaluated once) and read alike." if per_layer else "")
+            + "</p>"
             + fig.html("ablation_matrix", "Task × task ablation matrix with random baselines (below the line).", heatmap)
             + fig.html("specificity", "Extra drop of each task's metric from its own neurons compared with random neurons and with "
                                       "the other tasks' neurons; bars: 95% bootstrap intervals over examples (and random seeds).",
@@ -287,7 +290,7 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
     tasks_html = _tasks_section(fig, baseline, selection, evaluation)
     layers_html, sections = _layers_section(fig, stats, bool(config.second_model), controls)
     neurons_html = _neurons_section(fig, out, config.k, config.per_layer)
-    ablation_html = _ablation_section(fig, matrix, spec)
+    ablation_html = _ablation_section(fig, matrix, spec, config.per_layer)
     findings = _findings(baseline, spec, pd.read_csv(out / "neurons" / "jaccard.csv", index_col=0), config.k, sections,
                          _read(out / "relevance_by_layer.csv"), bool(config.second_model))
     model_name = config.model or "SmolLM2-135M-Instruct (embedded)"
