@@ -49,6 +49,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -246,19 +247,19 @@ def _controls(run: _Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def _layers(run: _Run) -> tuple[list[str], dict]:
+    from tl_taskmap.distributed import distributed_compare_models
     from tl_taskmap.stats.runner import compare_models
 
     controls, records = _controls(run)
-    if run.sharded:  # each rank takes a share of every task's examples; the statistics are merged exactly
-        from tl_taskmap.distributed import distributed_compare_models
-
-        stats = distributed_compare_models(run.models(), run.evaluation, control_models=controls or None, sites=run.config.sites,
-                                           reduce=run.config.reduce, batch_size=run.config.batch_size, progress=run.progress)
-    else:
-        stats = compare_models(run.models(), run.evaluation, control_models=controls or None, sites=run.config.sites,
-                               reduce=run.config.reduce, batch_size=run.config.batch_size, progress=run.progress)
+    # Sharded: each rank takes a share of every task's examples, and the statistics are merged exactly.
+    compare = distributed_compare_models if run.sharded else compare_models
+    with warnings.catch_warnings():
+        # The report shows biased and debiased CKA side by side and explains the small-n bias in the page.
+        warnings.filterwarnings("ignore", message=r"biased CKA with n=\d+ examples .* is inflated")
+        stats = compare(run.models(), run.evaluation, control_models=controls or None, sites=run.config.sites,
+                        reduce=run.config.reduce, batch_size=run.config.batch_size, progress=run.progress)
+        stats.to_dataframe().to_csv(run.path("layers", "layer_stats.csv"), index=False)
     stats.save(run.folder("layers", "stats"))
-    stats.to_dataframe().to_csv(run.path("layers", "layer_stats.csv"), index=False)
     run.path("layers", "controls.json").write_text(json.dumps(records, indent=1, default=str))
     return ["layers/stats", "layers/layer_stats.csv", "layers/controls.json"], {"control_tasks": sorted(controls)}
 
