@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,6 +193,19 @@ def load_state(path: str | os.PathLike, kind: str) -> dict[str, Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+class SafetensorsState:
+    """``save`` / ``load`` for an accumulator with ``state_dict()`` and ``from_state_dict(state, device)``."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save to a ``.safetensors`` file (no pickle)."""
+        save_state(path, self.state_dict(), type(self).__name__)  # type: ignore[attr-defined]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> Any:
+        """Load an accumulator written by :meth:`save`."""
+        return cls.from_state_dict(load_state(path, cls.__name__), device=device)  # type: ignore[attr-defined]
+
+
 def check_format_version(state: dict[str, Tensor], kind: str) -> None:
     version = int(state.get("format_version", torch.tensor(-1)))
     if version != FORMAT_VERSION:
@@ -246,7 +260,7 @@ def _shift_stats(s: dict[str, Tensor], n: int, dx: Tensor, dy: Tensor) -> dict[s
     }
 
 
-class StreamingLinearCKA:
+class StreamingLinearCKA(SafetensorsState):
     """Exact feature-space linear CKA between two representations, fed in batches.
 
     Rows are examples and are matched between ``x`` and ``y``; a row with NaN/inf in either is
@@ -434,15 +448,6 @@ class StreamingLinearCKA:
         acc._stats = {k: state[k].to(device=acc.device, dtype=torch.float64).clone() for k in acc._stats}
         acc._n, acc.n_dropped = int(state["n"]), int(state["n_dropped"])
         return acc
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Save to a ``.safetensors`` file (no pickle)."""
-        save_state(path, self.state_dict(), type(self).__name__)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "StreamingLinearCKA":
-        """Load an accumulator written by :meth:`save`."""
-        return cls.from_state_dict(load_state(path, cls.__name__), device=device)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(d_x={self.d_x}, d_y={self.d_y}, n={self._n}, "

@@ -9,14 +9,13 @@ covariance are the squared singular values divided by n − 1.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .cka import FORMAT_VERSION, _as_float64_rows, check_format_version, load_state, save_state
+from .cka import FORMAT_VERSION, SafetensorsState, _as_float64_rows, check_format_version
 
 __all__ = ["StreamingCovariance", "dims_for_variance_from_eigenvalues"]
 
@@ -51,7 +50,7 @@ def dims_for_variance_from_eigenvalues(eigs: Float[np.ndarray, " k"] | Tensor, f
     return min(k, int(np.count_nonzero(eigs)))
 
 
-class StreamingCovariance:
+class StreamingCovariance(SafetensorsState):
     """Float64 mean and covariance of ``[n, d]`` batches, mergeable and saveable.
 
     Example:
@@ -180,15 +179,6 @@ class StreamingCovariance:
         acc._stats = {k: state[k].to(device=acc.device, dtype=torch.float64).clone() for k in acc._stats}
         acc._n = int(state["n"])
         return acc
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Save to a ``.safetensors`` file (no pickle)."""
-        save_state(path, self.state_dict(), type(self).__name__)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "StreamingCovariance":
-        """Load an accumulator written by :meth:`save`."""
-        return cls.from_state_dict(load_state(path, cls.__name__), device=device)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(d={self.d}, n={self._n}, device={self.device})"
