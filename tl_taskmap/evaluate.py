@@ -95,6 +95,9 @@ class TaskScore:
         loss: mean answer NLL (nats per token). n: examples scored. chance: chance accuracy (or None).
         per_example: the metric per example (1/0 for accuracy and exact match).
         predictions: the predicted option or generated text per example.
+        losses: the answer NLL per example (mean over the target's tokens), in task order.
+        option_scores: per example, each option's score (negative NLL, mean or sum per ``scoring``;
+            higher is better); empty for generation tasks.
     """
 
     task: str
@@ -105,6 +108,8 @@ class TaskScore:
     chance: Optional[float] = None
     per_example: list[float] = field(default_factory=list, repr=False)
     predictions: list[str] = field(default_factory=list, repr=False)
+    losses: list[float] = field(default_factory=list, repr=False)
+    option_scores: list[list[float]] = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
         chance = f", chance={self.chance:.3f}" if self.chance is not None else ""
@@ -165,7 +170,7 @@ def _evaluate_choice(adapter: ModelAdapter, task: Task, batch_size: int, scoring
     if not torch.isfinite(mean_nll).all():
         raise FloatingPointError(f"non-finite answer loss on task {task.name!r}: check the model's dtype (fp16 overflow?) and weights")
     score = mean_nll if scoring == "mean" else sum_nll
-    correct, predictions, losses = [], [], []
+    correct, predictions, losses, option_scores = [], [], [], []
     offset = 0
     for e in task.examples:
         k = len(e.options)  # type: ignore[arg-type]
@@ -173,8 +178,10 @@ def _evaluate_choice(adapter: ModelAdapter, task: Task, batch_size: int, scoring
         predictions.append(e.options[choice])  # type: ignore[index]
         correct.append(float(choice == e.label))
         losses.append(float(mean_nll[offset + e.label]))  # type: ignore[operator]
+        option_scores.append((-score[offset : offset + k]).tolist())
         offset += k
-    return TaskScore(task.name, "accuracy", sum(correct) / len(correct), sum(losses) / len(losses), len(task), task.chance, correct, predictions)
+    return TaskScore(task.name, "accuracy", sum(correct) / len(correct), sum(losses) / len(losses), len(task), task.chance, correct,
+                     predictions, losses, option_scores)
 
 
 def _evaluate_generation(adapter: ModelAdapter, task: Task, batch_size: int, max_new_tokens: Optional[int], prepend_bos: Optional[bool], progress: bool) -> TaskScore:
@@ -189,7 +196,8 @@ def _evaluate_generation(adapter: ModelAdapter, task: Task, batch_size: int, max
         generations.extend(greedy_generate(adapter, [e.prompt for e in chunk], max_new_tokens, prepend_bos=prepend_bos))
     scorer = exact_match if task.metric == "exact_match" else rouge_l
     per_example = [scorer(g, e.target) for g, e in zip(generations, task.examples)]
-    return TaskScore(task.name, str(task.metric), sum(per_example) / len(per_example), sum(losses) / len(losses), len(task), None, per_example, generations)
+    return TaskScore(task.name, str(task.metric), sum(per_example) / len(per_example), sum(losses) / len(losses), len(task), None, per_example,
+                     generations, losses)
 
 
 def greedy_generate(adapter: ModelAdapter, prompts: Sequence[str], max_new_tokens: int, *, prepend_bos: Optional[bool] = None) -> list[str]:
