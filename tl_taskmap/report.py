@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -52,21 +53,17 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from tl_taskmap import distributed
 from tl_taskmap.models import as_adapter
 from tl_taskmap.report_config import ConfigError, MapConfig, load_suite
-from tl_taskmap.report_stages import StageStore
+from tl_taskmap.file_names import check_file_names, safe_name
+from tl_taskmap.report_stages import StageStore, maybe_lock, write_json_atomic
 
 __all__ = ["MapConfig", "ConfigError", "ReportResult", "StageStore", "map_model", "safe_name"]
 
 MODEL_LABEL, SECOND_LABEL, CONTROL_LABEL = "model", "second", "control"
-
-
-def safe_name(name: str) -> str:
-    """A file name for a task name (BIG-bench names hold ``/``). Example: ``safe_name("a/b c") == "a_b_c"``."""
-    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "task"
 
 
 def _fingerprint(suite: Any) -> str:
@@ -127,6 +124,15 @@ class _Run:
 
     def rel(self, path: Path) -> str:
         return str(path.relative_to(self.write_root))
+
+    @contextlib.contextmanager
+    def writing_into(self, folder: Path) -> Iterator[None]:
+        """Within the block, stage files are written under ``folder`` (a stage's staging folder), not ``write_root``."""
+        saved, self.write_root = self.write_root, folder
+        try:
+            yield
+        finally:
+            self.write_root = saved
 
     def bar(self, items: Sequence[Any], desc: str) -> Any:
         from tqdm.auto import tqdm
@@ -364,15 +370,32 @@ def _map_model(config: MapConfig, tasks: Any, force: bool, progress: bool, log: 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     start = time.perf_counter()
     run = _Run(config, tasks, log, progress, device)
+    try:
+        check_file_names(run.selection.names)  # before any stage: two tasks must never share a result file
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if distributed.is_main_process():
-        run.out.mkdir(parents=True, exist_ok=True)
-        config.save(run.out / "config.json")
-    model_id = {"model": config.model, "dtype": config.dtype}
+        try:
+            run.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create out={config.out!r} ({err.strerror}); choose a writable --out") from None
+    with maybe_lock(run.out, distributed.is_main_process()):
+        return _map_stages(run, config, force, log, start)
+
+
+def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], None], start: float) -> ReportResult:
+    from tl_taskmap.embedded import model_fingerprint
+
+    if distributed.is_main_process():  # the in-progress configuration; config.json is written with the report
+        write_json_atomic(run.out / "stages" / "config.json", config.to_dict())
+    # The models' identity is their content (a model retrained in place at the same path is another model).
+    model_id = {"model": model_fingerprint(config.model), "dtype": config.dtype}
+    second_id = model_fingerprint(config.second_model) if config.second_model else None
     tasks_id = {"selection": _fingerprint(run.selection), "evaluation": _fingerprint(run.evaluation)}
-    store = StageStore(run.out, force)
+    store = StageStore(run.out, force, write_root=run.write_root, stage_into=run.writing_into)
     stages: dict[str, dict[str, Any]] = {}
     inputs: dict[str, dict[str, Any]] = {
-        "baseline": {**model_id, "second_model": config.second_model, **tasks_id},
+        "baseline": {**model_id, "second_model": second_id, **tasks_id},
         "relevance": {**model_id, **tasks_id},
     }
     stages["baseline"] = store.run("baseline", inputs["baseline"], lambda: _baseline(run), log)
@@ -381,6 +404,7 @@ def _map_model(config: MapConfig, tasks: Any, force: bool, progress: bool, log: 
     stages["neurons"] = store.run("neurons", inputs["neurons"], lambda: _neurons(run), log)
     inputs["layers"] = {**model_id, **tasks_id, **config.parts("second_model", "sites", "reduce", "train_controls", "control_steps",
                                                               "control_lr", "control_neurons", "control_models", "seed"),
+                        "second_model": second_id, "control_models": {t: model_fingerprint(f) for t, f in config.control_models.items()},
                         "neurons": stages["neurons"]["hash"] if config.control_neurons == "task" else None}
     stages["layers"] = store.run("layers", inputs["layers"], lambda: _layers(run), log)
     inputs["ablation"] = {"neurons": stages["neurons"]["hash"], **model_id, **tasks_id, **config.parts("seeds", "ablation_mode", "seed")}
@@ -394,6 +418,7 @@ def _map_model(config: MapConfig, tasks: Any, force: bool, progress: bool, log: 
     if distributed.is_main_process():
         html, figures = write_report(run.out, config, run.selection, run.evaluation, stages, notes,
                                      seconds=time.perf_counter() - start, model_seconds=run.model_seconds)
+        write_json_atomic(run.out / "config.json", config.to_dict())  # describes report.html: written with it, at the end
     distributed.barrier()
     if run.write_root != run.out:
         shutil.rmtree(run.write_root, ignore_errors=True)
