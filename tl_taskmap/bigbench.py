@@ -194,6 +194,21 @@ def _target_of(example: dict[str, Any]) -> Optional[str]:
     return target if isinstance(target, str) and target.strip() else None
 
 
+def _check_target_scores(raw: list[Any], source: str) -> None:
+    """Every ``target_scores`` is an object of option → number (strings would compare as text)."""
+    for i, e in enumerate(raw):
+        scores = e.get("target_scores")
+        if scores is None:
+            continue
+        if not isinstance(scores, dict):
+            raise BigBenchFormatError(f"{source}: example {i} has 'target_scores' of type {type(scores).__name__}; "
+                                      f"expected an object of option → score, e.g. {{\"yes\": 1, \"no\": 0}}")
+        bad = {k: v for k, v in scores.items() if not isinstance(v, (int, float))}
+        if bad:
+            raise BigBenchFormatError(f"{source}: example {i} has non-numeric target_scores {dict(list(bad.items())[:3])}; "
+                                      f"scores must be numbers, e.g. {{\"yes\": 1, \"no\": 0}}")
+
+
 def load_bigbench_task(
     path_or_name: str | os.PathLike[str],
     *,
@@ -243,6 +258,7 @@ def load_bigbench_task(
     no_input = [i for i, e in enumerate(raw) if not isinstance(e.get("input"), str)]
     if no_input:
         raise BigBenchFormatError(f"{source}: examples {no_input[:5]} have no string 'input'")
+    _check_target_scores(raw, source)
     if mode is None:
         mode = "choice" if all(e.get("target_scores") for e in raw) else "generation"
     if mode not in ("choice", "generation"):

@@ -18,15 +18,17 @@ Example:
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import traceback
 from typing import Any, Optional, Sequence
 
 from tl_taskmap.report_config import ABLATION_MODES, CONTROL_NEURONS, DTYPES, REDUCTIONS, ConfigError, MapConfig
 
 _DEFAULTS = MapConfig()
-_RUN_OPTIONS = ("command", "config", "force", "dry_run", "quiet", "threads")  # how to run, not what: not in MapConfig
+_RUN_OPTIONS = ("command", "config", "force", "dry_run", "quiet", "threads", "debug")  # how to run, not what: not in MapConfig
 
 
 def _fraction(text: str) -> float:
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="recompute every stage, even those finished with this configuration")
     g.add_argument("--dry-run", action="store_true", help="check the options and load the tasks, print the configuration, load no model")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="on an error, print the full traceback as well")
     g = m.add_argument_group("models")
     g.add_argument("--model", type=_optional, metavar="NAME_OR_DIR",
                    help="local Hugging Face folder or hub name, booted as a TransformerBridge (default: the embedded SmolLM2-135M-Instruct)")
@@ -143,6 +146,17 @@ def config_from_args(args: argparse.Namespace) -> MapConfig:
     return MapConfig.from_dict({**base, **given}).validate()
 
 
+_USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG)
+
+
+def user_error(err: BaseException, debug: bool = False, cause: Optional[BaseException] = None) -> int:
+    """Print one ``tl-taskmap map: error: ...`` line (and the traceback with ``--debug``); return exit status 2."""
+    if debug:
+        traceback.print_exception(cause or err)
+    print(f"tl-taskmap map: error: {err}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``tl-taskmap``; returns the exit status (0 ok, 1 failed run, 2 bad options).
 
@@ -155,6 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command != "map":
         parser.print_help()
         return 2
+    debug = getattr(args, "debug", False)
     try:
         config = config_from_args(args)
         if getattr(args, "dry_run", False):
@@ -166,8 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"task {sel.name!r} ({sel.cluster}, {sel.metric}): {len(sel)} selection + {len(ev)} evaluation examples")
             return 0
     except ConfigError as err:
-        print(f"tl-taskmap map: error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err, debug)
     from tl_taskmap.report import map_model
 
     if getattr(args, "threads", None):
@@ -176,11 +190,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         result = map_model(config, force=getattr(args, "force", False), progress=not getattr(args, "quiet", False))
-    except ConfigError as err:  # e.g. an unknown task name, found when the tasks load (before any model)
-        print(f"tl-taskmap map: error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:  # e.g. the model package or the task archive is missing
-        print(f"tl-taskmap map: error: {err}", file=sys.stderr)
+    except ConfigError as err:  # e.g. an unknown task name, found when the tasks load (before any model); --out in use
+        return user_error(err, debug)
+    except OSError as err:
+        if err.errno in _USER_OS_ERRORS:  # read-only or full disk, a path too long: the user can fix it
+            return user_error(ConfigError(f"cannot write {err.filename or config.out}: {err.strerror}; free space or choose a writable --out"),
+                              debug, cause=err)
+        if not isinstance(err, FileNotFoundError):
+            raise
+        print(f"tl-taskmap map: error: {err}", file=sys.stderr)  # e.g. the model package or the task archive is missing
+        if debug:
+            traceback.print_exc()
         return 1
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote the report
         print(result.html)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -111,12 +112,14 @@ class MapConfig:
             ...
             tl_taskmap.report_config.ConfigError: k must be in (0, 1] (a fraction: 0.1 = top 10%), got 1.5
         """
+        _check_types(self)
         _check(isinstance(self.k, (int, float)) and not isinstance(self.k, bool) and 0 < self.k <= 1,
                f"k must be in (0, 1] (a fraction: 0.1 = top 10%), got {self.k!r}")
         for name, low in (("seeds", 1), ("examples", 8), ("batch_size", 1), ("train_controls", 0), ("control_steps", 1), ("seed", 0)):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"{name} must be an integer ≥ {low}, got {value!r}")
-        _check(isinstance(self.control_lr, (int, float)) and self.control_lr > 0, f"control_lr must be positive, got {self.control_lr!r}")
+        _check(isinstance(self.control_lr, (int, float)) and not isinstance(self.control_lr, bool) and math.isfinite(self.control_lr)
+               and self.control_lr > 0, f"control_lr must be positive and finite (e.g. 1e-4), got {self.control_lr!r}")
         for name, options in (("dtype", DTYPES), ("reduce", REDUCTIONS), ("ablation_mode", ABLATION_MODES), ("control_neurons", CONTROL_NEURONS)):
             _check(getattr(self, name) in options, f"{name} must be one of {options}, got {getattr(self, name)!r}")
         _check_device(self.device)
@@ -134,8 +137,11 @@ class MapConfig:
             for name in ("template", "target_template"):
                 _check("{" in getattr(self, name), f"{name} {getattr(self, name)!r} has no {{column}} placeholder, e.g. '{{input}}'")
             _check(not (self.options and self.options_field), "give shared options or an options_field, not both")
+        repeated = sorted({n for n in self.task_names if self.task_names.count(n) > 1})
+        _check(not repeated, f"task_names repeats {repeated}: name each task once (--task-names given twice?)")
         out = Path(self.out).expanduser()
         _check(not out.exists() or out.is_dir(), f"out={self.out!r} exists and is not a folder")
+        _check_writable_out(out, self.out)
         return self
 
     # ------------------------------------------------------------------ I/O
@@ -149,6 +155,8 @@ class MapConfig:
     def from_dict(cls, data: dict[str, Any]) -> "MapConfig":
         """Build from a dict (e.g. a ``config.json``); unknown keys are an error naming them."""
         names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise ConfigError(f"a configuration must be a JSON object of MapConfig fields, got a {type(data).__name__}")
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"unknown configuration keys {unknown}; valid keys: {sorted(names)}")
@@ -175,6 +183,41 @@ class MapConfig:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+#: The JSON type of every non-numeric field (numeric fields are checked with their ranges).
+_STR_FIELDS = ("out", "control_neurons", "template", "target_template", "split", "reduce", "ablation_mode", "device", "dtype")
+_OPTIONAL_STR_FIELDS = ("model", "second_model", "options_field")
+_STR_LIST_FIELDS = ("tasks", "task_names", "options", "sites")
+_BOOL_FIELDS = ("save_controls", "per_layer")
+
+
+def _check_types(config: "MapConfig") -> None:
+    """Each field has its JSON type (a ``--config`` file can hold anything): a clear error, never a character-by-character list."""
+    for name in _STR_FIELDS:
+        value = getattr(config, name)
+        _check(isinstance(value, str), f"{name} must be a string, got {type(value).__name__} {value!r}")
+    for name in _OPTIONAL_STR_FIELDS:
+        value = getattr(config, name)
+        _check(value is None or isinstance(value, str), f"{name} must be a string or null, got {type(value).__name__} {value!r}")
+    for name in _STR_LIST_FIELDS:
+        value = getattr(config, name)
+        _check(isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+               f"{name} must be a list of strings, e.g. [\"a\", \"b\"], got {type(value).__name__} {value!r}")
+    for name in _BOOL_FIELDS:
+        value = getattr(config, name)
+        _check(isinstance(value, bool), f"{name} must be true or false, got {type(value).__name__} {value!r}")
+    _check(isinstance(config.control_models, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in config.control_models.items()),
+           f"control_models must map task names to folders, e.g. {{\"task\": \"controls/task\"}}, got {config.control_models!r}")
+
+
+def _check_writable_out(out: Path, given: str) -> None:
+    """The output folder can be created and written: its nearest existing ancestor is a writable folder."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    _check(existing.is_dir(), f"out={given!r} cannot be created: {existing} is a file, not a folder; choose another --out")
+    _check(os.access(existing, os.W_OK | os.X_OK), f"out={given!r}: {existing} is not writable (read-only?); choose a writable --out")
 
 
 def _check_device(device: str) -> None:
@@ -224,6 +267,38 @@ def _check_task_spec(spec: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- tasks
+def check_suite(suite: Any) -> Any:
+    """Validate every task (:func:`~tl_taskmap.tasks.validate_task`) and drop repeated prompts with a warning naming the count.
+
+    A repeated prompt could fall in both the selection and the evaluation half (neurons chosen on
+    test data). Raises :class:`ConfigError` for an invalid task; returns the cleaned suite.
+
+    Example:
+        >>> check_suite(suite)   # doctest: +SKIP
+    """
+    import warnings
+
+    from tl_taskmap.file_names import check_file_names
+    from tl_taskmap.tasks import TaskSuite, deduplicate, validate_task
+
+    cleaned = []
+    for task in suite:
+        try:
+            validate_task(task)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        task, dropped = deduplicate(task)
+        if dropped:
+            warnings.warn(f"task {task.name!r}: dropped {dropped} examples whose prompt repeats an earlier one, so no prompt is in "
+                          f"both the selection and the evaluation half ({len(task)} left)", UserWarning, stacklevel=3)
+        cleaned.append(task)
+    try:
+        check_file_names([t.name for t in cleaned])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return TaskSuite(cleaned)
+
+
 #: Tasks of the built-in suite that a default run maps: three clusters (sentiment, semantics,
 #: morphology), two multiple-choice tasks and one generation task, all well above chance for the
 #: embedded model (so ablation has something to remove) and cheap to score (evaluation cost grows with
@@ -233,9 +308,59 @@ def _check_task_spec(spec: str) -> None:
 DEFAULT_TASKS: tuple[str, ...] = ("word_sentiment", "phrase_relatedness", "past_tense")
 
 
+def _hub_unavailable(timeout_s: float = 3.0) -> Optional[str]:
+    """Why the Hugging Face hub cannot be used now (``HF_HUB_OFFLINE`` set, or no connection within ``timeout_s``), else None."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{name}={os.environ[name]} is set"
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    outcome: list[Optional[str]] = []
+
+    def probe() -> None:  # in a thread: name resolution ignores socket timeouts
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(f"{host} is unreachable ({err.strerror or err})")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    return outcome[0] if outcome else f"{host} did not answer within {timeout_s:.0f} s"
+
+
 def _load_task_spec(spec: str, config: MapConfig) -> Any:
+    try:
+        return validate_task_spec_result(_read_task_spec(spec, config), spec)
+    except ConfigError:
+        raise
+    except Exception as err:  # one wrapper for every loader: name the file and the problem; --debug shows the cause
+        detail = f"{type(err).__name__}: {err}" if str(err) else f"{type(err).__name__} (is the file empty or truncated?)"
+        raise ConfigError(f"task {spec!r} cannot be loaded: {detail}") from err
+
+
+def validate_task_spec_result(task: Any, spec: str) -> Any:
+    """A loaded task that passes :func:`tl_taskmap.tasks.validate_task`, or a ConfigError naming ``spec``."""
+    from tl_taskmap.tasks import validate_task
+
+    try:
+        return validate_task(task)
+    except ValueError as err:
+        raise ConfigError(f"task {spec!r}: {err}") from None
+
+
+def _read_task_spec(spec: str, config: MapConfig) -> Any:
     from tl_taskmap.suite import load_dataset_task
 
+    if spec.startswith("hf:"):
+        why = _hub_unavailable()
+        if why is not None:
+            raise ConfigError(f"task {spec!r} needs the Hugging Face hub, but {why}; download the data set and pass it as a "
+                              f"local .jsonl/.csv/.parquet file instead")
     path = Path(spec).expanduser()
     if not spec.startswith("hf:") and (path.name == "task.json" or (path / "task.json").is_file()):
         from tl_taskmap.bigbench import QA_TEMPLATE, load_bigbench_task
@@ -248,7 +373,7 @@ def _load_task_spec(spec: str, config: MapConfig) -> Any:
             return load_dataset_task(spec[3:], name=spec[3:].rsplit("/", 1)[-1], split=config.split, **fields)
         return load_dataset_task(str(path), **fields)
     except (ValueError, KeyError) as err:  # a template naming a missing column, a bad target, ...
-        raise ConfigError(f"task {spec!r}: {err}") from None
+        raise ConfigError(f"task {spec!r}: {err}") from err
 
 
 def load_suite(config: MapConfig, tasks: Any = None) -> tuple[Any, Any]:
@@ -280,6 +405,7 @@ def load_suite(config: MapConfig, tasks: Any = None) -> tuple[Any, Any]:
         unknown = [n for n in names if n not in available]
         _check(not unknown, f"unknown task names {unknown}; the built-in suite has {available}")
         suite = default_suite(max_examples=config.examples, seed=config.seed, names=names).select(names)
+    suite = check_suite(suite)
     _check(len(suite) >= 2, f"a task map needs at least two tasks (overlap and ablation compare tasks), got {suite.names}")
     small = [f"{t.name} ({len(t)})" for t in suite if len(t) < 4]
     _check(not small, f"tasks with fewer than 4 examples cannot be split into selection and evaluation halves: {small}")

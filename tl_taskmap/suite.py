@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from tl_taskmap.bigbench import QA_TEMPLATE, extract_bigbench_tasks, default_archive, extracted_dir, load_bigbench_task
 from tl_taskmap.embedded import cache_root
-from tl_taskmap.tasks import Example, Metric, Task, TaskSuite
+from tl_taskmap.tasks import Example, Metric, Task, TaskSuite, validate_row
 
 VADER_VERSION = "3.3.2"
 VADER_DOWNLOAD_COMMAND = f"pip download --no-deps vaderSentiment=={VADER_VERSION}"
@@ -205,6 +205,7 @@ def load_dataset_task(
         raise ValueError(f"templates use columns {missing} that {where} does not have; its columns: {sorted(columns)}")
     examples = []
     for i, row in enumerate(records):
+        validate_row(row, i, where, prompt_fields + target_fields, options if isinstance(options, str) else None)
         answer = target.format(**row)
         row_options = tuple(str(o) for o in row[options]) if isinstance(options, str) else tuple(options) if options else None
         if row_options is not None and answer not in row_options:

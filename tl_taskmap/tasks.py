@@ -237,3 +237,75 @@ def as_suite(tasks: Task | Sequence[Task] | Mapping[str, Task] | TaskSuite) -> T
     if isinstance(tasks, Mapping):
         return TaskSuite(list(tasks.values()))
     return TaskSuite(list(tasks))
+
+
+# ---------------------------------------------------------------------------------------- validation
+_SCALARS = (str, int, float, bool)
+
+
+def validate_row(row: Mapping[str, Any], index: int, where: str, fields: Sequence[str], options_field: Optional[str] = None) -> None:
+    """Raise ValueError unless the row has a value of a plain type for every template field and, if
+    ``options_field`` is given, a list of at least two options there.
+
+    A missing column read from a jsonl file arrives as ``None`` (it would become the prompt
+    ``"None"``); an options column holding one string would be split into characters.
+
+    Example:
+        >>> validate_row({"text": "good", "label": 1}, 0, "reviews.jsonl", ["text", "label"])
+        >>> validate_row({"text": None}, 3, "reviews.jsonl", ["text"])
+        Traceback (most recent call last):
+        ...
+        ValueError: reviews.jsonl row 3: column 'text' is missing or null; every row needs it
+    """
+    for name in fields:
+        value = row.get(name)
+        if value is None:
+            raise ValueError(f"{where} row {index}: column {name!r} is missing or null; every row needs it")
+        if not isinstance(value, _SCALARS):
+            raise ValueError(f"{where} row {index}: column {name!r} holds a {type(value).__name__} ({str(value)[:60]!r}); "
+                             f"templates need text or numbers")
+    if options_field is not None:
+        options = row.get(options_field)
+        if not isinstance(options, (list, tuple)) or not all(isinstance(o, _SCALARS) for o in options):
+            raise ValueError(f"{where} row {index}: column {options_field!r} must be a list of answer options, e.g. "
+                             f"[\" yes\", \" no\"], got {type(options).__name__} {str(options)[:60]!r}")
+        if len(options) < 2:
+            raise ValueError(f"{where} row {index}: column {options_field!r} has {len(options)} option(s); multiple choice needs at least 2")
+
+
+def validate_task(task: Task) -> Task:
+    """Raise ValueError for a task that would score something meaningless: multiple choice with fewer than
+    two options on some example (accuracy 1.0 by construction). Returns the task.
+
+    Example:
+        >>> validate_task(Task.from_lists("t", ["q"], [" a"], options=[" a"]))
+        Traceback (most recent call last):
+        ...
+        ValueError: task 't': 1 of 1 examples have a single answer option (first prompt: 'q'); multiple choice needs at least 2 options, or use generation (no options)
+    """
+    single = [e for e in task.examples if e.options is not None and len(set(e.options)) < 2]
+    if single:
+        raise ValueError(f"task {task.name!r}: {len(single)} of {len(task)} examples have a single answer option "
+                         f"(first prompt: {single[0].prompt[:60]!r}); multiple choice needs at least 2 options, or use generation (no options)")
+    return task
+
+
+def deduplicate(task: Task) -> tuple[Task, int]:
+    """The task without repeated prompts (the first occurrence is kept) and how many were dropped.
+
+    A prompt present twice could land in both the selection and the evaluation half, so neurons
+    would be chosen on test data.
+
+    Example:
+        >>> task, dropped = deduplicate(Task.from_lists("t", ["q", "q", "r"], [" a", " a", " b"]))
+        >>> len(task), dropped
+        (2, 1)
+    """
+    seen: set[str] = set()
+    kept = []
+    for example in task.examples:
+        if example.prompt not in seen:
+            seen.add(example.prompt)
+            kept.append(example)
+    dropped = len(task) - len(kept)
+    return (replace(task, examples=kept, meta={**task.meta, "n_duplicates_dropped": dropped}) if dropped else task), dropped
