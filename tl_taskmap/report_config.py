@@ -268,44 +268,46 @@ def _check_task_spec(spec: str) -> None:
 
 # ---------------------------------------------------------------------------------------- tasks
 def check_suite(suite: Any) -> Any:
-    """Validate every task (:func:`~tl_taskmap.tasks.validate_task`) and drop repeated prompts with a warning naming the count.
-
-    A repeated prompt could fall in both the selection and the evaluation half (neurons chosen on
-    test data). Raises :class:`ConfigError` for an invalid task; returns the cleaned suite.
+    """Validate every task (:func:`~tl_taskmap.tasks.validate_task`) and its file name; raise :class:`ConfigError` naming the problem.
 
     Example:
         >>> check_suite(suite)   # doctest: +SKIP
     """
-    import warnings
-
     from tl_taskmap.file_names import check_file_names
-    from tl_taskmap.tasks import TaskSuite, deduplicate, validate_task
+    from tl_taskmap.tasks import validate_task
 
-    cleaned = []
-    for task in suite:
-        try:
-            validate_task(task)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        task, dropped = deduplicate(task)
-        if dropped:
-            warnings.warn(f"task {task.name!r}: dropped {dropped} examples whose prompt repeats an earlier one, so no prompt is in "
-                          f"both the selection and the evaluation half ({len(task)} left)", UserWarning, stacklevel=3)
-        cleaned.append(task)
     try:
-        check_file_names([t.name for t in cleaned])
+        for task in suite:
+            validate_task(task)
+        check_file_names([t.name for t in suite])
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return TaskSuite(cleaned)
+    return suite
 
 
-#: Tasks of the built-in suite that a default run maps: three clusters (sentiment, semantics,
-#: morphology), two multiple-choice tasks and one generation task, all well above chance for the
-#: embedded model (so ablation has something to remove) and cheap to score (evaluation cost grows with
-#: answer options × examples, and generation decodes token by token). The ablation matrix costs
-#: ``(1 + tasks + seeds) × tasks`` task evaluations, so each extra task adds minutes on a CPU;
-#: ``--task-names`` picks others (``tl_taskmap.suite.default_task_names()`` lists all).
-DEFAULT_TASKS: tuple[str, ...] = ("word_sentiment", "phrase_relatedness", "past_tense")
+def split_suite(suite: Any, seed: int) -> tuple[Any, Any]:
+    """Each task split in half (seeded), every copy of a repeated prompt in the same half, with a warning naming the count.
+
+    A prompt in both halves would let neurons be chosen on the examples that measure them.
+
+    Example:
+        >>> selection, evaluation = split_suite(suite, seed=0)   # doctest: +SKIP
+    """
+    import warnings
+
+    from tl_taskmap.tasks import TaskSuite, repeated_prompts, split_keeping_prompts_together
+
+    pairs = []
+    for task in suite:
+        repeats = repeated_prompts(task)
+        if repeats:
+            warnings.warn(f"task {task.name!r}: {repeats} of {len(task)} examples repeat an earlier prompt; each repeated prompt is "
+                          f"kept in one half, so no prompt is in both the selection and the evaluation half", UserWarning, stacklevel=3)
+        try:
+            pairs.append(split_keeping_prompts_together(task, 0.5, seed=seed))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return TaskSuite([p[0] for p in pairs]), TaskSuite([p[1] for p in pairs])
 
 
 def _hub_unavailable(timeout_s: float = 3.0) -> Optional[str]:
@@ -409,4 +411,4 @@ def load_suite(config: MapConfig, tasks: Any = None) -> tuple[Any, Any]:
     _check(len(suite) >= 2, f"a task map needs at least two tasks (overlap and ablation compare tasks), got {suite.names}")
     small = [f"{t.name} ({len(t)})" for t in suite if len(t) < 4]
     _check(not small, f"tasks with fewer than 4 examples cannot be split into selection and evaluation halves: {small}")
-    return suite.subset(config.examples, seed=config.seed).split(0.5, seed=config.seed)
+    return split_suite(suite.subset(config.examples, seed=config.seed), config.seed)

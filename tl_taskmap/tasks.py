@@ -290,22 +290,49 @@ def validate_task(task: Task) -> Task:
     return task
 
 
-def deduplicate(task: Task) -> tuple[Task, int]:
-    """The task without repeated prompts (the first occurrence is kept) and how many were dropped.
-
-    A prompt present twice could land in both the selection and the evaluation half, so neurons
-    would be chosen on test data.
+def repeated_prompts(task: Task) -> int:
+    """How many examples repeat the prompt of an earlier one.
 
     Example:
-        >>> task, dropped = deduplicate(Task.from_lists("t", ["q", "q", "r"], [" a", " a", " b"]))
-        >>> len(task), dropped
-        (2, 1)
+        >>> repeated_prompts(Task.from_lists("t", ["q", "q", "r"], [" a", " a", " b"]))
+        1
     """
-    seen: set[str] = set()
-    kept = []
-    for example in task.examples:
-        if example.prompt not in seen:
-            seen.add(example.prompt)
-            kept.append(example)
-    dropped = len(task) - len(kept)
-    return (replace(task, examples=kept, meta={**task.meta, "n_duplicates_dropped": dropped}) if dropped else task), dropped
+    return len(task) - len({e.prompt for e in task.examples})
+
+
+def split_keeping_prompts_together(task: Task, train_fraction: float = 0.5, *, seed: int = 0) -> tuple[Task, Task]:
+    """:meth:`Task.split`, except that every copy of a repeated prompt lands in the same half.
+
+    A prompt in both halves would let neurons be chosen on the examples that measure them. Without
+    repeated prompts the halves are exactly those of :meth:`Task.split`; with them, whole groups
+    of equal prompts go to the first half (in the seeded order) until it holds its share.
+
+    Raises:
+        ValueError: the task has a single distinct prompt (nothing to split).
+
+    Example:
+        >>> task = Task.from_lists("t", ["q", "q", "r", "s"], [" a", " a", " b", " c"])
+        >>> first, second = split_keeping_prompts_together(task, seed=0)
+        >>> set(first.prompts) & set(second.prompts)
+        set()
+    """
+    if repeated_prompts(task) == 0:
+        return task.split(train_fraction, seed=seed)
+    shuffled = task.subset(seed=seed).examples
+    k = min(max(1, round(train_fraction * len(shuffled))), len(shuffled) - 1)
+    groups: dict[str, list[Example]] = {}
+    for example in shuffled:
+        groups.setdefault(example.prompt, []).append(example)
+    if len(groups) < 2:
+        raise ValueError(f"task {task.name!r}: all {len(task)} examples share one prompt; a selection/evaluation split needs at least 2 distinct prompts")
+    first: list[Example] = []
+    ordered = list(groups.values())
+    taken = 0
+    while taken < len(ordered) - 1 and len(first) < k:
+        first.extend(ordered[taken])
+        taken += 1
+    second = [e for group in ordered[taken:] for e in group]
+    return (
+        replace(task, examples=first, meta={**task.meta, "split": "train", "split_seed": seed}),
+        replace(task, examples=second, meta={**task.meta, "split": "eval", "split_seed": seed}),
+    )
