@@ -124,6 +124,14 @@ KILLER = textwrap.dedent(
             save(self, path)
             die()
         relevance_module.RelevanceScores.save = save_then_die
+    elif point == "ctrl-c-in-relevance":  # the parent presses Ctrl-C (SIGINT) once a result file is written
+        import time
+        save = relevance_module.RelevanceScores.save
+        def save_then_wait(self, path):
+            save(self, path)
+            print("saved", flush=True)
+            time.sleep(600)
+        relevance_module.RelevanceScores.save = save_then_wait
     elif point == "while-moving-into-place":  # one result file replaced in out/, the others not yet
         move = report_stages._move_into_place
         def move_one_then_die(staging, root, entries):
@@ -171,6 +179,31 @@ def test_2_a_killed_force_run_is_not_reused(finished, tmp_path, one_thread):
     run_killed(config, tmp_path, "while-moving-into-place", force=True)
     result, logs = run_map(config)
     assert "reused" not in stage_log(logs, "relevance") and stage_log(logs, "baseline").startswith("[baseline] reused")
+    for name, expected in relevance_a.items():
+        torch.testing.assert_close(load_relevance(result.out, [name])[name].scores, expected.scores)
+
+
+def test_2_ctrl_c_with_other_settings_never_leaks_into_a_rerun(finished, tmp_path, one_thread):
+    config_a = copy_of(finished, tmp_path)
+    _, relevance_a = finished
+    baseline_a = pd.read_csv(Path(config_a.out) / "baseline.csv")
+    saved = tmp_path / "config-b.json"
+    saved.write_text(json.dumps({**config_a.to_dict(), "examples": 12}))
+    # preexec_fn: a child of a non-interactive shell may start with SIGINT ignored; Ctrl-C must reach it.
+    child = subprocess.Popen([sys.executable, "-c", KILLER, str(saved), "ctrl-c-in-relevance", "no"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert child.stdout.readline().strip() == "saved"
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=HANG_GUARD_S)
+    finally:
+        child.kill()
+    assert child.returncode != 0 and "KeyboardInterrupt" in err
+    result, logs = run_map(config_a)
+    # B finished its baseline (A's was replaced, so it is recomputed) and was stopped inside its relevance stage
+    # (A's relevance files and record are untouched, verified and reused).
+    assert not result.stages["baseline"]["cached"] and result.stages["relevance"]["cached"], logs
+    pd.testing.assert_frame_equal(result.baseline(), baseline_a)
     for name, expected in relevance_a.items():
         torch.testing.assert_close(load_relevance(result.out, [name])[name].scores, expected.scores)
 
@@ -238,7 +271,7 @@ def test_5_config_json_still_describes_the_report_after_a_failed_run(finished, t
         run_map(failing)
     described = MapConfig.load(Path(config.out) / "config.json").to_dict()
     assert {**described, "out": config.out} == config.to_dict()  # still the configuration of report.html (run A, copied here)
-    assert MapConfig.load(Path(config.out) / "stages" / "config.json") == failing  # the in-progress one, with the stage records
+    assert MapConfig.load(Path(config.out) / "stages" / "current_config.json") == failing  # the in-progress one, with the stage records
 
 
 # ------------------------------------------------------------------------------------ case 6

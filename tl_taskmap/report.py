@@ -387,7 +387,7 @@ def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], 
     from tl_taskmap.embedded import model_fingerprint
 
     if distributed.is_main_process():  # the in-progress configuration; config.json is written with the report
-        write_json_atomic(run.out / "stages" / "config.json", config.to_dict())
+        write_json_atomic(run.out / "stages" / "current_config.json", config.to_dict())
     # The models' identity is their content (a model retrained in place at the same path is another model).
     model_id = {"model": model_fingerprint(config.model), "dtype": config.dtype}
     second_id = model_fingerprint(config.second_model) if config.second_model else None
