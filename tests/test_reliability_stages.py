@@ -267,7 +267,7 @@ def test_5_config_json_still_describes_the_report_after_a_failed_run(finished, t
     for weights in broken.glob("*.safetensors"):
         weights.write_bytes(b"not a safetensors file")
     failing = MapConfig.from_dict({**config.to_dict(), "model": str(broken)})
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError, match="cannot be loaded"):
         run_map(failing)
     described = MapConfig.load(Path(config.out) / "config.json").to_dict()
     assert {**described, "out": config.out} == config.to_dict()  # still the configuration of report.html (run A, copied here)
@@ -276,6 +276,20 @@ def test_5_config_json_still_describes_the_report_after_a_failed_run(finished, t
 
 # ------------------------------------------------------------------------------------ case 6
 HOLDER = "import sys, time\nfrom tl_taskmap.report_stages import OutLock\nwith OutLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n"
+
+
+def test_5_a_broken_model_folder_is_one_error_line(tmp_path, capsys):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_models.hf_folder("llama"), broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    tasks = write_tasks(tmp_path / "tasks")
+    status = cli.main(["map", "--out", str(tmp_path / "out"), "--model", str(broken), "--tasks", *tasks, "--options-field", "options",
+                       "--examples", "8", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("tl-taskmap map: error: the model at")]
+    assert not (tmp_path / "out" / "config.json").exists()  # no report, so no config.json claiming one
 
 
 def test_6_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path, capsys):

@@ -192,6 +192,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = map_model(config, force=getattr(args, "force", False), progress=not getattr(args, "quiet", False))
     except ConfigError as err:  # e.g. an unknown task name, found when the tasks load (before any model); --out in use
         return user_error(err, debug)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("tl-taskmap map: interrupted; finished stages are kept (each is verified on reuse): run the same command again "
+              "to resume", file=sys.stderr)
+        return 130
     except OSError as err:
         if err.errno in _USER_OS_ERRORS:  # read-only or full disk, a path too long: the user can fix it
             return user_error(ConfigError(f"cannot write {err.filename or config.out}: {err.strerror}; free space or choose a writable --out"),

@@ -94,7 +94,13 @@ class _Run:
 
         start = time.perf_counter()
         dtype = getattr(torch, self.config.dtype)
-        model = load_default_model(self.device, dtype) if source is None else load_model(source, self.device, dtype)
+        try:
+            model = load_default_model(self.device, dtype) if source is None else load_model(source, self.device, dtype)
+        except Exception as err:  # a local folder that does not boot: say which and why (the hub and the embedded model raise as is)
+            if source is None or not Path(source).expanduser().is_dir():
+                raise
+            raise ConfigError(f"{what} at {source} cannot be loaded ({type(err).__name__}: {str(err)[:300]}); check that the folder "
+                              f"holds a complete Hugging Face model (config.json and weights); --debug shows the traceback") from err
         self.model_seconds += time.perf_counter() - start
         self.log(f"loaded {what} ({source or 'embedded SmolLM2-135M-Instruct'}) in {time.perf_counter() - start:.0f} s")
         return model

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 DTYPES = ("float32", "bfloat16", "float16")
 REDUCTIONS = ("last", "mean")
@@ -310,6 +311,25 @@ def split_suite(suite: Any, seed: int) -> tuple[Any, Any]:
     return TaskSuite([p[0] for p in pairs]), TaskSuite([p[1] for p in pairs])
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Within the block, ``datasets`` prints no progress bars or error logs: a bad file gets one error line, ours."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - a dependency
+        yield
+        return
+    bars, level = datasets.utils.logging.is_progress_bar_enabled(), datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.utils.logging.set_verbosity(level)
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
+
+
 def _hub_unavailable(timeout_s: float = 3.0) -> Optional[str]:
     """Why the Hugging Face hub cannot be used now (``HF_HUB_OFFLINE`` set, or no connection within ``timeout_s``), else None."""
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -337,12 +357,17 @@ def _hub_unavailable(timeout_s: float = 3.0) -> Optional[str]:
 
 def _load_task_spec(spec: str, config: MapConfig) -> Any:
     try:
-        return validate_task_spec_result(_read_task_spec(spec, config), spec)
+        with _quiet_datasets():
+            return validate_task_spec_result(_read_task_spec(spec, config), spec)
     except ConfigError:
         raise
     except Exception as err:  # one wrapper for every loader: name the file and the problem; --debug shows the cause
-        detail = f"{type(err).__name__}: {err}" if str(err) else f"{type(err).__name__} (is the file empty or truncated?)"
-        raise ConfigError(f"task {spec!r} cannot be loaded: {detail}") from err
+        cause = err.__cause__ or err.__context__
+        detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        if cause is not None and str(cause) and str(cause) not in detail:
+            detail += f" ({type(cause).__name__}: {str(cause)[:200]})"
+        raise ConfigError(f"task {spec!r} cannot be loaded: {detail}; check that the file is complete and in its format "
+                          f"(json/jsonl/csv/parquet, or a BIG-bench task.json); --debug shows the traceback") from err
 
 
 def validate_task_spec_result(task: Any, spec: str) -> Any:
@@ -358,6 +383,9 @@ def validate_task_spec_result(task: Any, spec: str) -> Any:
 def _read_task_spec(spec: str, config: MapConfig) -> Any:
     from tl_taskmap.suite import load_dataset_task
 
+    file = Path(spec).expanduser()
+    if file.is_file() and file.stat().st_size == 0:
+        raise ConfigError(f"task file {spec!r} is empty; give it one example per row (jsonl) or a BIG-bench 'examples' list")
     if spec.startswith("hf:"):
         why = _hub_unavailable()
         if why is not None:
