@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -20,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 DTYPES = ("float32", "bfloat16", "float16")
 REDUCTIONS = ("last", "mean")
@@ -268,96 +267,20 @@ def _check_task_spec(spec: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- tasks
-def check_suite(suite: Any) -> Any:
-    """Validate every task (:func:`~tl_taskmap.tasks.validate_task`) and its file name; raise :class:`ConfigError` naming the problem.
-
-    Example:
-        >>> check_suite(suite)   # doctest: +SKIP
-    """
-    from tl_taskmap.file_names import check_file_names
-    from tl_taskmap.tasks import validate_task
-
-    try:
-        for task in suite:
-            validate_task(task)
-        check_file_names([t.name for t in suite])
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return suite
-
-
-def split_suite(suite: Any, seed: int) -> tuple[Any, Any]:
-    """Each task split in half (seeded), every copy of a repeated prompt in the same half, with a warning naming the count.
-
-    A prompt in both halves would let neurons be chosen on the examples that measure them.
-
-    Example:
-        >>> selection, evaluation = split_suite(suite, seed=0)   # doctest: +SKIP
-    """
-    import warnings
-
-    from tl_taskmap.tasks import TaskSuite, repeated_prompts, split_keeping_prompts_together
-
-    pairs = []
-    for task in suite:
-        repeats = repeated_prompts(task)
-        if repeats:
-            warnings.warn(f"task {task.name!r}: {repeats} of {len(task)} examples repeat an earlier prompt; each repeated prompt is "
-                          f"kept in one half, so no prompt is in both the selection and the evaluation half", UserWarning, stacklevel=3)
-        try:
-            pairs.append(split_keeping_prompts_together(task, 0.5, seed=seed))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    return TaskSuite([p[0] for p in pairs]), TaskSuite([p[1] for p in pairs])
-
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """Within the block, ``datasets`` prints no progress bars or error logs: a bad file gets one error line, ours."""
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - a dependency
-        yield
-        return
-    bars, level = datasets.utils.logging.is_progress_bar_enabled(), datasets.utils.logging.get_verbosity()
-    datasets.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
-    try:
-        yield
-    finally:
-        datasets.utils.logging.set_verbosity(level)
-        if bars:
-            datasets.utils.logging.enable_progress_bar()
-
-
-def _hub_unavailable(timeout_s: float = 3.0) -> Optional[str]:
-    """Why the Hugging Face hub cannot be used now (``HF_HUB_OFFLINE`` set, or no connection within ``timeout_s``), else None."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{name}={os.environ[name]} is set"
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    outcome: list[Optional[str]] = []
-
-    def probe() -> None:  # in a thread: name resolution ignores socket timeouts
-        try:
-            socket.create_connection((host, 443), timeout=timeout_s).close()
-            outcome.append(None)
-        except OSError as err:
-            outcome.append(f"{host} is unreachable ({err.strerror or err})")
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout_s + 0.5)
-    return outcome[0] if outcome else f"{host} did not answer within {timeout_s:.0f} s"
+#: Tasks of the built-in suite that a default run maps: three clusters (sentiment, semantics,
+#: morphology), two multiple-choice tasks and one generation task, all well above chance for the
+#: embedded model (so ablation has something to remove) and cheap to score (evaluation cost grows with
+#: answer options × examples, and generation decodes token by token). The ablation matrix costs
+#: ``(1 + tasks + seeds) × tasks`` task evaluations, so each extra task adds minutes on a CPU;
+#: ``--task-names`` picks others (``tl_taskmap.suite.default_task_names()`` lists all).
+DEFAULT_TASKS: tuple[str, ...] = ("word_sentiment", "phrase_relatedness", "past_tense")
 
 
 def _load_task_spec(spec: str, config: MapConfig) -> Any:
     try:
-        with _quiet_datasets():
+        from tl_taskmap.task_checks import quiet_datasets, validate_task_spec_result
+
+        with quiet_datasets():
             return validate_task_spec_result(_read_task_spec(spec, config), spec)
     except ConfigError:
         raise
@@ -370,16 +293,6 @@ def _load_task_spec(spec: str, config: MapConfig) -> Any:
                           f"(json/jsonl/csv/parquet, or a BIG-bench task.json); --debug shows the traceback") from err
 
 
-def validate_task_spec_result(task: Any, spec: str) -> Any:
-    """A loaded task that passes :func:`tl_taskmap.tasks.validate_task`, or a ConfigError naming ``spec``."""
-    from tl_taskmap.tasks import validate_task
-
-    try:
-        return validate_task(task)
-    except ValueError as err:
-        raise ConfigError(f"task {spec!r}: {err}") from None
-
-
 def _read_task_spec(spec: str, config: MapConfig) -> Any:
     from tl_taskmap.suite import load_dataset_task
 
@@ -387,7 +300,9 @@ def _read_task_spec(spec: str, config: MapConfig) -> Any:
     if file.is_file() and file.stat().st_size == 0:
         raise ConfigError(f"task file {spec!r} is empty; give it one example per row (jsonl) or a BIG-bench 'examples' list")
     if spec.startswith("hf:"):
-        why = _hub_unavailable()
+        from tl_taskmap.task_checks import hub_unavailable
+
+        why = hub_unavailable()
         if why is not None:
             raise ConfigError(f"task {spec!r} needs the Hugging Face hub, but {why}; download the data set and pass it as a "
                               f"local .jsonl/.csv/.parquet file instead")
@@ -435,6 +350,8 @@ def load_suite(config: MapConfig, tasks: Any = None) -> tuple[Any, Any]:
         unknown = [n for n in names if n not in available]
         _check(not unknown, f"unknown task names {unknown}; the built-in suite has {available}")
         suite = default_suite(max_examples=config.examples, seed=config.seed, names=names).select(names)
+    from tl_taskmap.task_checks import check_suite, split_suite
+
     suite = check_suite(suite)
     _check(len(suite) >= 2, f"a task map needs at least two tasks (overlap and ablation compare tasks), got {suite.names}")
     small = [f"{t.name} ({len(t)})" for t in suite if len(t) < 4]
