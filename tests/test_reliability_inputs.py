@@ -145,6 +145,13 @@ def test_8_bad_task_rows_are_refused_naming_file_row_and_column(tmp_path, rows, 
     assert "bad.jsonl" in str(caught.value)
 
 
+def test_8_an_empty_csv_cell_is_refused_not_read_as_nan(tmp_path):
+    (tmp_path / "bad.csv").write_text("input,target\nitem one, yes\n, no\nitem three, yes\nitem four, no\n")
+    other = write_jsonl(tmp_path / "other.jsonl", [{"input": f"q{i}", "target": " a"} for i in range(8)])
+    with pytest.raises(ConfigError, match=r"bad.csv row 1: column 'input' is missing or null"):
+        load_suite(MapConfig(out=str(tmp_path / "out"), tasks=[str(tmp_path / "bad.csv"), other], examples=8))
+
+
 def test_8_single_option_multiple_choice_is_refused(tmp_path):
     rows = [{"input": f"item {i} is", "target": " yes"} for i in range(10)]
     config = MapConfig(out=str(tmp_path / "out"), tasks=[write_jsonl(tmp_path / "bad.jsonl", rows),

@@ -259,7 +259,7 @@ def validate_row(row: Mapping[str, Any], index: int, where: str, fields: Sequenc
     """
     for name in fields:
         value = row.get(name)
-        if value is None:
+        if value is None or isinstance(value, float) and value != value:  # null, or NaN (an empty csv cell)
             raise ValueError(f"{where} row {index}: column {name!r} is missing or null; every row needs it")
         if not isinstance(value, _SCALARS):
             raise ValueError(f"{where} row {index}: column {name!r} holds a {type(value).__name__} ({str(value)[:60]!r}); "
