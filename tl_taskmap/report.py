@@ -10,9 +10,12 @@
   ``layers/`` (:class:`~tl_taskmap.stats.results.LayerStats` as JSON + safetensors, ``layer_stats.csv``,
   ``controls.json``); ``ablation/matrix.json`` with ``cells.csv``, ``delta_table.csv``, ``specificity.csv``;
 * ``stages/<stage>.json``: what each stage depended on (a hash of those configuration fields,
-  the task contents and upstream stages), its files and how long it took.
+  the task contents, the model's content and upstream stages), its files with their sha256 and how
+  long it took; ``stages/current_config.json``: the configuration of the latest run, finished or not
+  (``config.json`` is written with ``report.html``, at the end).
 
-A re-run with the same configuration reuses every stage whose record matches and whose files exist,
+A re-run with the same configuration reuses every stage whose record matches and whose files still
+have the sha256 in its record (see :mod:`tl_taskmap.report_stages`; a second run on the same folder is refused),
 and loads a model only if some stage has to run; changing ``k`` re-runs the neuron and ablation
 stages only. Selection and measurement use different examples: each task is split in half
 (seeded); relevance, neuron sets and control models use the *selection* half and every reported
