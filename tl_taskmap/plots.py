@@ -386,7 +386,7 @@ def plot_head_relevance(frame: pd.DataFrame, *, ax: Any = None, title: str = "He
     """
     table = frame.pivot_table(index="layer", columns="head", values="share", aggfunc="mean").sort_index().sort_index(axis=1)
     n_layers, n_heads = table.shape
-    fig, (ax,) = _new_axes(ax, (max(3.5, 0.4 * n_heads + 2.2), max(3.0, 0.16 * n_layers + 1.5)))
+    fig, (ax,) = _new_axes(ax, (max(4.6, 0.4 * n_heads + 2.4), max(3.0, 0.16 * n_layers + 1.5)))
     image = ax.imshow(table.to_numpy(np.float64), cmap="viridis", aspect="auto", vmin=0, interpolation="nearest")
     ax.set_xticks(np.arange(n_heads), [str(h) for h in table.columns])
     step = max(1, n_layers // 15)
