@@ -32,7 +32,7 @@ def test_help_lists_every_config_field(capsys):
     text = capsys.readouterr().out
     # every MapConfig field has an option (per_layer is --global-top-k)
     for field in MapConfig.__dataclass_fields__:
-        option = {"per_layer": "--global-top-k", "control_models": "--control-model"}.get(field, "--" + field.replace("_", "-"))
+        option = {"per_layer": "--global-top-k", "control_models": "--control-model", "heads": "--no-heads"}.get(field, "--" + field.replace("_", "-"))
         assert option in text, f"--help does not mention {option} (MapConfig.{field})"
     for word in ("--dry-run", "--force", "--threads", "Examples:"):
         assert word in text

@@ -19,7 +19,8 @@ from tl_taskmap import embedded
 from tl_taskmap.report import MapConfig, load_neuron_sets, map_model
 
 FIGURES = {"baseline", "cka_curves", "dims_99", "task_similarity", "tsne", "relevance_by_layer", "jaccard", "overlap_by_layer",
-           "overlap_sweep", "parameter_similarity", "ablation_matrix", "specificity"}
+           "overlap_sweep", "parameter_similarity", "ablation_matrix", "specificity",
+           "head_relevance", "relevance_neurons_vs_heads", "head_overlap", "head_ablation_matrix", "head_specificity"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -165,7 +166,7 @@ def test_changing_k_reruns_only_the_stages_that_depend_on_it(report, tmp_path, o
     config = MapConfig.from_dict({**report.config.to_dict(), "out": str(out), "k": 0.2})
     result = map_model(config, progress=False, log=lambda message: None)
     ran = {name for name, record in result.stages.items() if not record["cached"]}
-    assert ran == {"neurons", "ablation"}
+    assert ran == {"neurons", "ablation", "heads"}  # heads: the head sets are top-k too
     assert len(result.neuron_sets()["arith"]) == 3 * 10
 
 

@@ -45,7 +45,8 @@ def monkeypatch_module():
 def test_tutorials_exist_and_are_committed_without_outputs():
     names = [p.name for p in TUTORIALS]
     assert names == ["01_capture_and_cka_layer_map.ipynb", "02_task_neurons_and_overlap.ipynb", "03_ablation_from_the_repl.ipynb",
-                     "04_masked_finetuning_and_ncft.ipynb", "05_chaining_with_transformerlens.ipynb"]
+                     "04_masked_finetuning_and_ncft.ipynb", "05_chaining_with_transformerlens.ipynb",
+                     "06_heads.ipynb"]
     for path in TUTORIALS:
         nb = nbformat.read(path, as_version=4)
         assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")

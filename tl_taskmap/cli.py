@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-top-k", dest="per_layer", action="store_false", help="select the top-k over the whole model, not per layer")
     g.add_argument("--seeds", type=int, metavar="N", help=_help("random neuron sets per ablation row", "seeds"))
     g.add_argument("--ablation-mode", choices=ABLATION_MODES, help=_help("how neurons are switched off", "ablation_mode"))
+    g.add_argument("--no-heads", dest="heads", action="store_false", help="skip the attention-head stage (head relevance, sets, ablation)")
     g.add_argument("--seed", type=int, metavar="N", help=_help("seed of splits, sampling and training", "seed"))
     return parser
 

@@ -369,3 +369,70 @@ def plot_specificity(frame: pd.DataFrame, *, ax: Any = None) -> Any:
     ax.set(xlabel="extra drop of the task's metric", title="Specificity of task neurons (95% intervals)")
     ax.legend(fontsize="small")
     return fig
+
+
+# ---------------------------------------------------------------------------------------- attention heads
+__all__ += ["plot_head_relevance", "plot_relevance_neurons_vs_heads", "plot_head_overlap"]
+
+
+def plot_head_relevance(frame: pd.DataFrame, *, ax: Any = None, title: str = "Head relevance (mean share over tasks)") -> Any:
+    """Heat map of head relevance by layer (rows) and head (columns).
+
+    ``frame`` is long, ``task, layer, head, share`` (the report's ``heads/relevance_by_head.csv``: each
+    task's head scores divided by their total); the map shows the mean share over tasks.
+
+    Example:
+        >>> fig = plot_head_relevance(pd.read_csv("report/heads/relevance_by_head.csv"))   # doctest: +SKIP
+    """
+    table = frame.pivot_table(index="layer", columns="head", values="share", aggfunc="mean").sort_index().sort_index(axis=1)
+    n_layers, n_heads = table.shape
+    fig, (ax,) = _new_axes(ax, (max(4.6, 0.4 * n_heads + 2.4), max(3.0, 0.16 * n_layers + 1.5)))
+    image = ax.imshow(table.to_numpy(np.float64), cmap="viridis", aspect="auto", vmin=0, interpolation="nearest")
+    ax.set_xticks(np.arange(n_heads), [str(h) for h in table.columns])
+    step = max(1, n_layers // 15)
+    ax.set_yticks(np.arange(0, n_layers, step), [str(l) for l in table.index[::step]])
+    ax.set(xlabel="head", ylabel="layer", title=title)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of relevance")
+    return fig
+
+
+def plot_relevance_neurons_vs_heads(neurons: pd.DataFrame, heads: pd.DataFrame) -> Any:
+    """Two panels side by side: share of each task's neuron relevance and head relevance per layer.
+
+    Both frames have ``task, layer, relevance_share`` (``relevance_by_layer.csv`` and
+    ``heads/relevance_by_layer.csv``); the y axes are shared so the depth profiles compare directly.
+
+    Example:
+        >>> fig = plot_relevance_neurons_vs_heads(pd.read_csv("r/relevance_by_layer.csv"), pd.read_csv("r/heads/relevance_by_layer.csv"))   # doctest: +SKIP
+    """
+    fig, axes = _new_axes(None, (5.0, 3.5), 2)
+    for ax, frame, unit in zip(axes, (neurons, heads), ("MLP neurons", "attention heads")):
+        plot_relevance_by_layer(frame, ax=ax)
+        ax.set_title(f"{unit}: share of relevance per layer")
+    top = max(float(neurons["relevance_share"].max()), float(heads["relevance_share"].max())) * 1.05
+    for ax in axes:
+        ax.set_ylim(0, top)
+    return fig
+
+
+def plot_head_overlap(frame: pd.DataFrame, *, ax: Any = None) -> Any:
+    """Jaccard overlap of each task pair's head sets against matched random sets (dot and 95% range).
+
+    ``frame`` has ``task_a, task_b, jaccard, random_mean, random_low, random_high`` (the report's
+    ``heads/overlap_vs_random.csv``).
+
+    Example:
+        >>> fig = plot_head_overlap(pd.read_csv("report/heads/overlap_vs_random.csv"))   # doctest: +SKIP
+    """
+    labels = [f"{a} / {b}" for a, b in zip(frame["task_a"], frame["task_b"])]
+    fig, (ax,) = _new_axes(ax, (6.0, max(2.2, 0.4 * len(labels) + 1.2)))
+    y = np.arange(len(labels))
+    mean = frame["random_mean"].to_numpy(float)
+    err = np.vstack([mean - frame["random_low"].to_numpy(float), frame["random_high"].to_numpy(float) - mean])
+    ax.errorbar(mean, y, xerr=err, fmt="o", color="grey", capsize=3, label="random sets (mean, 95% range)")
+    ax.scatter(frame["jaccard"], y, color="#d62728", zorder=3, label="task head sets")
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set(xlabel="Jaccard overlap", xlim=(0, 1.02), title="Overlap of task head sets vs random")
+    ax.legend(fontsize="small")
+    return fig

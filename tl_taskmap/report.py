@@ -9,6 +9,7 @@
   ``neurons/<task>.json`` with ``jaccard*.csv``, ``overlap_sweep.csv``, ``parameter_similarity.csv``;
   ``layers/`` (:class:`~tl_taskmap.stats.results.LayerStats` as JSON + safetensors, ``layer_stats.csv``,
   ``controls.json``); ``ablation/matrix.json`` with ``cells.csv``, ``delta_table.csv``, ``specificity.csv``;
+  ``heads/`` (attention heads as units, :mod:`tl_taskmap.report_heads`; off with ``heads=False``);
 * ``stages/<stage>.json``: what each stage depended on (a hash of those configuration fields,
   the task contents, the model's content and upstream stages), its files with their sha256 and how
   long it took; ``stages/current_config.json``: the configuration of the latest run, finished or not
@@ -295,6 +296,12 @@ def _ablation(run: _Run) -> tuple[list[str], dict]:
     return [f"ablation/{f}" for f in ("matrix.json", "cells.csv", "delta_table.csv", "specificity.csv")], matrix.meta
 
 
+def _heads(run: _Run) -> tuple[list[str], dict]:
+    from tl_taskmap.report_heads import heads_stage
+
+    return heads_stage(run)
+
+
 # ---------------------------------------------------------------------------------------- result
 @dataclass
 class ReportResult:
@@ -418,6 +425,9 @@ def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], 
     stages["layers"] = store.run("layers", inputs["layers"], lambda: _layers(run), log)
     inputs["ablation"] = {"neurons": stages["neurons"]["hash"], **model_id, **tasks_id, **config.parts("seeds", "ablation_mode", "seed")}
     stages["ablation"] = store.run("ablation", inputs["ablation"], lambda: _ablation(run), log)
+    if config.heads:  # attention heads as units: relevance, sets, overlap, ablation (tl_taskmap.report_heads)
+        inputs["heads"] = {**model_id, **tasks_id, **config.parts("k", "per_layer", "seeds", "ablation_mode", "seed")}
+        stages["heads"] = store.run("heads", inputs["heads"], lambda: _heads(run), log)
 
     from tl_taskmap.report_html import left_out, write_report
 

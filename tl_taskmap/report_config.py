@@ -66,6 +66,7 @@ class MapConfig:
         k: Fraction of neurons per task set (top-k%, 0.1 = 10%). per_layer: top-k per layer or global.
         seeds: Random neuron sets per ablation row (matched per-layer counts).
         ablation_mode: ``"zero"``, ``"mean"`` or ``"params"``.
+        heads: Also map attention heads (head relevance, top-k head sets, their overlap and ablation matrix).
         device, dtype, batch_size, seed: Where and how things run; ``seed`` fixes splits and training.
 
     Example:
@@ -97,6 +98,7 @@ class MapConfig:
     per_layer: bool = True
     seeds: int = 2
     ablation_mode: str = "zero"
+    heads: bool = True
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = 8
@@ -122,6 +124,7 @@ class MapConfig:
                and self.control_lr > 0, f"control_lr must be positive and finite (e.g. 1e-4), got {self.control_lr!r}")
         for name, options in (("dtype", DTYPES), ("reduce", REDUCTIONS), ("ablation_mode", ABLATION_MODES), ("control_neurons", CONTROL_NEURONS)):
             _check(getattr(self, name) in options, f"{name} must be one of {options}, got {getattr(self, name)!r}")
+        _check(isinstance(self.heads, bool), f"heads must be true or false, got {self.heads!r}")
         _check_device(self.device)
         _check_sites(self.sites)
         for name in ("model", "second_model"):

@@ -215,6 +215,55 @@ def _ablation_section(fig: _Figures, matrix: Any, spec: pd.DataFrame, per_layer:
             + _table(spec[cols]))
 
 
+def _heads_section(fig: _Figures, out: Path, k: float, record: Optional[dict]) -> str:
+    """The attention-head section (stage ``heads``); empty when the stage did not run."""
+    from tl_taskmap import plots
+    from tl_taskmap.neurons.ablation_matrix import AblationMatrix, plot_ablation_matrix
+
+    if record is None:
+        return ""
+    if record.get("skipped"):
+        return f"<h2 id='heads'>Attention heads</h2><p class='note'>Skipped: {_esc(record['skipped'])}</p>"
+    folder = out / "heads"
+    by_head, by_layer = pd.read_csv(folder / "relevance_by_head.csv"), pd.read_csv(folder / "relevance_by_layer.csv")
+    neuron_layers, overlap = _read(out / "relevance_by_layer.csv"), pd.read_csv(folder / "overlap_vs_random.csv")
+    matrix, spec = AblationMatrix.load(folder / "ablation" / "matrix.json"), pd.read_csv(folder / "ablation" / "specificity.csv")
+    layout = record.get("layout", {})
+    gqa = (f" The model uses grouped-query attention ({layout.get('n_heads')} query heads share {layout.get('n_key_value_heads')} "
+           "key/value heads per layer): the units are query heads, each with its own output; ablating one leaves the shared "
+           "key/value head untouched." if layout.get("n_key_value_heads") and layout.get("n_key_value_heads") != layout.get("n_heads") else "")
+
+    def heatmap() -> Any:
+        table = matrix.delta_table()
+        fig_, (ax,) = _new_axes(1, (3.0 + 1.1 * table.shape[1], 2.0 + 0.5 * table.shape[0]))
+        plot_ablation_matrix(matrix, ax=ax)
+        return fig_
+
+    cols = ["task", "metric", "baseline", "own_drop", "random_drop", "other_drop", "vs_random", "vs_random_low", "vs_random_high",
+            "vs_other", "vs_other_low", "vs_other_high"]
+    return ("<h2 id='heads'>Attention heads</h2><p>The same questions for attention heads. Relevance of head <i>h</i> in layer "
+            "<i>l</i> is Σ|Σ<sub>d</sub> ∂L/∂z·z| over the selection examples' answer tokens, where <i>z</i> is the head's output "
+            "before W<sub>O</sub> (<code>attn.hook_z</code>): the first-order loss change from zeroing the whole head. Each task's "
+            f"head set is its top {k:.0%} heads (at least one per layer); ablation zeroes the heads' outputs (mode "
+            f"<code>{_esc(matrix.mode)}</code>).{_esc(gqa)}</p>"
+            + fig.html("head_relevance", "Share of each task's head relevance per (layer, head), mean over tasks.",
+                       lambda: plots.plot_head_relevance(by_head))
+            + (fig.html("relevance_neurons_vs_heads", "Where in depth relevance lies: MLP neurons (left) and attention heads "
+                        "(right), share of each task's total per layer.",
+                        lambda: plots.plot_relevance_neurons_vs_heads(neuron_layers, by_layer)) if neuron_layers is not None else "")
+            + fig.html("head_overlap", "Jaccard overlap of the tasks' head sets (red) against random head sets with the same "
+                                       f"per-layer counts ({int(overlap['n_draws'].iloc[0]) if len(overlap) else 0} draws; grey: "
+                                       "mean and 95% range). With few heads per layer chance overlap is high.",
+                       lambda: plots.plot_head_overlap(overlap))
+            + _table(overlap.drop(columns=["n_draws"]))
+            + fig.html("head_ablation_matrix", f"Task × task ablation matrix of head sets, with {len(matrix.seeds)} random head "
+                                               "sets of matched per-layer counts per row (below the line).", heatmap)
+            + fig.html("head_specificity", "Extra drop of each task's metric from ablating its own heads compared with random "
+                                           "heads and with other tasks' heads; bars: 95% bootstrap intervals.",
+                       lambda: plots.plot_specificity(spec))
+            + _table(spec[cols]))
+
+
 def _findings(baseline: pd.DataFrame, spec: Optional[pd.DataFrame], jaccard: pd.DataFrame, k: float, sections: Any,
               rel: Optional[pd.DataFrame], has_base: bool) -> str:
     from tl_taskmap.plots import random_jaccard
@@ -291,6 +340,7 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
     layers_html, sections = _layers_section(fig, stats, bool(config.second_model), controls)
     neurons_html = _neurons_section(fig, out, config.k, config.per_layer)
     ablation_html = _ablation_section(fig, matrix, spec, config.per_layer)
+    heads_html = _heads_section(fig, out, config.k, stages.get("heads"))
     findings = _findings(baseline, spec, pd.read_csv(out / "neurons" / "jaccard.csv", index_col=0), config.k, sections,
                          _read(out / "relevance_by_layer.csv"), bool(config.second_model))
     model_name = config.model or "SmolLM2-135M-Instruct (embedded)"
@@ -305,9 +355,9 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
         + (f", reusing {sum(bool(r.get('cached')) for r in stages.values())} finished stages" if any(r.get("cached") for r in stages.values()) else "")
         + ".</p>"
         "<nav><a href='#findings'>Findings</a><a href='#tasks'>Tasks</a><a href='#layers'>Layer map</a><a href='#neurons'>Neurons</a>"
-        "<a href='#ablation'>Ablation</a><a href='#left-out'>Left out</a><a href='#files'>Files</a><a href='#config'>Configuration</a></nav>"
+        "<a href='#ablation'>Ablation</a>" + ("<a href='#heads'>Heads</a>" if heads_html else "") + "<a href='#left-out'>Left out</a><a href='#files'>Files</a><a href='#config'>Configuration</a></nav>"
         f"<h2 id='findings'>Findings</h2>{findings}"
-        + tasks_html + layers_html + neurons_html + ablation_html
+        + tasks_html + layers_html + neurons_html + ablation_html + heads_html
         + "<h2 id='left-out'>Left out, and why</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>"
         + (f"<p class='error'>Figures that failed: {_esc(fig.errors)}</p>" if fig.errors else "")
         + "<h2 id='files'>Files and timings</h2>" + _table(timing, digits=1)

@@ -1,12 +1,14 @@
-"""Task-specific neurons: relevance, neuron sets, overlap, parameter similarity, ablation, fine-tuning."""
+"""Task-specific neurons (and attention heads): relevance, unit sets, overlap, parameter similarity, ablation, fine-tuning."""
 
 from .ablation import AblationEffect, ablate, ablation_effect, ablation_effects, mean_activations
 from .ablation_matrix import AblationMatrix, ablation_matrix, matched_random_sets, plot_ablation_matrix, specificity
+from .head_ablation import ablate_heads, head_mean_activations
+from .head_relevance import GradXActHeadRelevance, HeadRelevanceScores, head_relevance, relevance_with_heads
 from .finetune import FinetuneResult, finetune, load_control_model, save_control_model, train_control_model, trainable_neurons
 from .ncft import ContinualResult, backward_transfer, compare_methods, continual_learning, forgetting_fg
 from .overlap import jaccard_matrix, overlap_sweep
 from .relevance import GradXActRelevance, RelevanceScores, relevance, relevance_by_task
-from .sets import NeuronSet
+from .sets import HeadSet, NeuronSet
 from .similarity import parameter_similarity, parameter_similarity_matrix
 
 __all__ = [
@@ -40,4 +42,11 @@ __all__ = [
     "save_control_model",
     "train_control_model",
     "trainable_neurons",
+    "GradXActHeadRelevance",
+    "HeadRelevanceScores",
+    "HeadSet",
+    "ablate_heads",
+    "head_mean_activations",
+    "head_relevance",
+    "relevance_with_heads",
 ]

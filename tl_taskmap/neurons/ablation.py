@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from tl_taskmap.capture import Capturer, iter_batches
 from tl_taskmap.evaluate import TaskScore, bootstrap_interval, evaluate_task
 from tl_taskmap.models import SITE_TEMPLATES, ModelAdapter, TokenBatch, as_adapter
-from tl_taskmap.neurons.sets import NeuronSet
+from tl_taskmap.neurons.sets import HeadSet, NeuronSet
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
 
 AblationMode = Literal["zero", "mean", "params"]
@@ -75,6 +75,10 @@ def check_neuron_set(model: Any, neurons: NeuronSet) -> ModelAdapter:
     Example:
         >>> check_neuron_set(model, NeuronSet.empty(3, 48))   # doctest: +SKIP
     """
+    if isinstance(neurons, HeadSet):  # attention heads: see tl_taskmap.neurons.heads
+        from tl_taskmap.neurons.heads import check_head_set
+
+        return check_head_set(model, neurons)
     adapter = as_adapter(model)
     if not isinstance(neurons, NeuronSet):
         raise TypeError(f"expected a NeuronSet, got {type(neurons).__name__}")
@@ -118,7 +122,9 @@ def ablate(
 
     Args:
         model: A HookedTransformer, TransformerBridge or ModelAdapter.
-        neurons: The neurons to deactivate, built for this model's ``(n_layers, d_mlp)``.
+        neurons: The neurons to deactivate, built for this model's ``(n_layers, d_mlp)``; a
+            :class:`~tl_taskmap.neurons.sets.HeadSet` switches attention heads off instead
+            (:func:`~tl_taskmap.neurons.head_ablation.ablate_heads`: same modes, ``"params"`` zeroes ``W_O`` rows).
         mode: ``"zero"`` (activations set to 0, default), ``"mean"`` (set to ``mean_activations``) or
             ``"params"`` (input, gate and output weights and input bias set to 0 in place).
         mean_activations: Per-neuron values for ``mode="mean"``, from :func:`mean_activations`.
@@ -134,6 +140,12 @@ def ablate(
         >>> with ablate(model, NeuronSet(3, 48, {1: [0, 5]}), mode="params") as handle:   # doctest: +SKIP
         ...     logits = handle.adapter.forward(batch)
     """
+    if isinstance(neurons, HeadSet):  # attention heads: hook_z / W_O rows, in tl_taskmap.neurons.head_ablation
+        from tl_taskmap.neurons.head_ablation import ablate_heads
+
+        with ablate_heads(model, neurons, mode, mean_activations=mean_activations) as handle:
+            yield handle
+        return
     if mode not in MODES:
         raise ValueError(f"unknown ablation mode {mode!r}: use one of {MODES}")
     adapter = check_neuron_set(model, neurons)

@@ -233,7 +233,9 @@ def ablation_matrix(
     Args:
         model: A HookedTransformer, TransformerBridge or ModelAdapter.
         tasks: The evaluated tasks (columns).
-        neuron_sets: Name → set (rows); name sets after tasks for :func:`specificity`.
+        neuron_sets: Name → set (rows); name sets after tasks for :func:`specificity`. All
+            :class:`~tl_taskmap.neurons.sets.NeuronSet` or all :class:`~tl_taskmap.neurons.sets.HeadSet`
+            (then ``mean_activations`` is ``[n_layers, n_heads, d_head]`` and ``n_neurons`` counts heads).
         seeds: Number of random sets per row (seeds ``0..n-1``) or an explicit list of seeds; 0 for none.
         mode: ``"zero"``, ``"mean"`` or ``"params"`` (see :func:`~tl_taskmap.neurons.ablation.ablate`).
         mean_activations: Needed for ``mode="mean"``.
@@ -255,7 +257,14 @@ def ablation_matrix(
             check_neuron_set(adapter, neurons)
         except (TypeError, ValueError) as err:
             raise type(err)(f"neuron_sets[{name!r}]: {err}") from None
-    if mode == "mean":
+    units = {s.unit for s in neuron_sets.values()}
+    if len(units) > 1:
+        raise ValueError(f"neuron_sets mixes unit kinds {sorted(units)}: build one matrix per kind (neurons, heads)")
+    if mode == "mean" and units == {"head"}:
+        from tl_taskmap.neurons.head_ablation import check_head_means
+
+        check_head_means(adapter, mean_activations)
+    elif mode == "mean":
         _check_means(adapter, mean_activations)
     seed_list = _seed_list(seeds)
     rows: list[tuple[str, str, Optional[int], NeuronSet]] = [(str(n), "task", None, s) for n, s in neuron_sets.items()]
@@ -288,7 +297,7 @@ def ablation_matrix(
         mode=mode, tasks=suite.names, metrics={t.name: str(t.metric) for t in suite}, set_names=[str(n) for n in neuron_sets],
         seeds=seed_list,
         baselines={n: {"metric_value": s.metric_value, "loss": s.loss, "per_example": list(s.per_example)} for n, s in baselines.items()},
-        records=records, meta={"n_evaluations": len(suite) * (1 + len(distinct)), "batch_size": batch_size},
+        records=records, meta={"n_evaluations": len(suite) * (1 + len(distinct)), "batch_size": batch_size, "unit": units.pop()},
     )
 
 
@@ -371,7 +380,7 @@ def plot_ablation_matrix(matrix: AblationMatrix, ax: Any = None, *, value: str =
     ax.set_xticks(range(table.shape[1]), list(table.columns), rotation=45, ha="right")
     ax.set_yticks(range(table.shape[0]), list(table.index))
     ax.set_xlabel("evaluated task")
-    ax.set_ylabel("ablated neurons")
+    ax.set_ylabel(f"ablated {matrix.meta.get('unit', 'neuron')}s")
     if matrix.seeds and matrix.set_names:
         ax.axhline(len(matrix.set_names) - 0.5, color="black", linewidth=1)
     if annotate and values.size <= 400:

@@ -1,0 +1,186 @@
+"""Switching attention heads off: ``with ablate(model, heads): ...`` for a :class:`~tl_taskmap.neurons.sets.HeadSet`.
+
+:func:`~tl_taskmap.neurons.ablation.ablate` hands head sets to :func:`ablate_heads`; the modes mirror
+the neuron ones:
+
+* ``mode="zero"``: a hook on each layer's ``attn.hook_z`` sets the heads' outputs (all ``d_head``
+  features, at every position) to 0.
+* ``mode="mean"``: the same hook sets them to their mean output (``[n_layers, n_heads, d_head]`` from
+  :func:`head_mean_activations`).
+* ``mode="params"``: the heads' rows of ``W_O`` are zeroed in place and written back bit for bit on exit.
+
+``"zero"`` and ``"params"`` give the same logits: the attention output is ``Σ_h z_h W_O[h] + b_O``, so
+zeroing ``z_h`` or ``W_O[h]`` removes the same term (``b_O`` is shared and stays). Under grouped-query
+attention a head is a query head: its shared key/value head is untouched (see
+:mod:`tl_taskmap.neurons.heads`).
+
+Example:
+    >>> from tl_taskmap.neurons.ablation import ablate
+    >>> with ablate(model, HeadSet(30, 9, {3: [0, 4]}), mode="params"):   # doctest: +SKIP
+    ...     logits = model("The movie was great")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_taskmap.models import ModelAdapter, as_adapter
+from tl_taskmap.neurons.ablation import MODES, Ablation, AblationMode, _prompts_of
+from tl_taskmap.neurons.heads import HeadLayout, check_head_set, head_layout, head_output_weight, split_heads
+from tl_taskmap.neurons.sets import HeadSet
+from tl_taskmap.tasks import Task, TaskSuite
+
+__all__ = ["ablate_heads", "check_head_means", "head_mean_activations"]
+
+
+def check_head_means(model: Any, means: Any) -> Tensor:
+    """Validate per-head mean outputs ``[n_layers, n_heads, d_head]`` for ``mode="mean"``; return them.
+
+    Example:
+        >>> check_head_means(model, head_mean_activations(model, prompts)).shape   # doctest: +SKIP
+    """
+    layout = head_layout(model)
+    if means is None:
+        raise ValueError("mode='mean' needs mean_activations=[n_layers, n_heads, d_head] for a HeadSet; "
+                         "measure them with head_mean_activations(model, reference_prompts)")
+    means = torch.as_tensor(means).detach()
+    expected = (layout.n_layers, layout.n_heads, layout.d_head)
+    if tuple(means.shape) != expected:
+        raise ValueError(f"mean_activations has shape {tuple(means.shape)}, expected (n_layers, n_heads, d_head) = {expected} "
+                         "for a HeadSet (head_mean_activations measures them)")
+    if not means.is_floating_point() or not bool(torch.isfinite(means).all()):
+        raise ValueError("mean_activations must be finite floating-point values")
+    return means
+
+
+@contextlib.contextmanager
+def ablate_heads(
+    model: Any,
+    heads: HeadSet,
+    mode: AblationMode = "zero",
+    *,
+    mean_activations: Optional[Float[Tensor, "n_layers n_heads d_head"]] = None,
+) -> Iterator[Ablation]:
+    """Switch ``heads`` off for the duration of a ``with`` block; the model is restored exactly on exit.
+
+    Everything is validated before the model is touched; on exit (also on an exception or
+    KeyboardInterrupt) the hooks are removed and zeroed ``W_O`` rows are written back bit for bit.
+    An empty set is an exact no-op. :func:`~tl_taskmap.neurons.ablation.ablate` calls this for a HeadSet.
+
+    Args:
+        model: A HookedTransformer, TransformerBridge or ModelAdapter.
+        heads: The (query) heads to switch off, built for this model's ``(n_layers, n_heads)``.
+        mode: ``"zero"`` (outputs set to 0), ``"mean"`` (set to ``mean_activations``) or ``"params"``
+            (the heads' ``W_O`` rows zeroed in place).
+        mean_activations: ``[n_layers, n_heads, d_head]`` for ``mode="mean"``, from :func:`head_mean_activations`.
+
+    Yields:
+        An :class:`~tl_taskmap.neurons.ablation.Ablation` handle (its ``neurons`` field holds the HeadSet).
+
+    Example:
+        >>> with ablate_heads(model, HeadSet(30, 9, {3: [0]})) as handle:   # doctest: +SKIP
+        ...     logits = handle.adapter.forward(batch)
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown ablation mode {mode!r}: use one of {MODES}")
+    adapter = check_head_set(model, heads)
+    layout = head_layout(adapter)
+    means = check_head_means(adapter, mean_activations) if mode == "mean" else None
+    if mode != "mean" and mean_activations is not None:
+        raise ValueError(f"mean_activations is only used with mode='mean', not mode={mode!r}")
+    if mode == "params":
+        with _zeroed_output_rows(adapter, heads):
+            yield Ablation(adapter, heads, mode, ())
+        return
+    masks = heads.to_mask()
+    hooks = [(layout.hook_name(layer), _replace_heads_hook(masks[layer], None if means is None else means[layer], layout, layer))
+             for layer in heads.layers()]
+    with adapter.hooks(hooks):
+        yield Ablation(adapter, heads, mode, tuple(name for name, _ in hooks))
+
+
+def _replace_heads_hook(mask: Tensor, fill: Optional[Tensor], layout: HeadLayout, layer: int) -> Callable[..., Tensor]:
+    """A hook replacing the masked heads' ``hook_z`` slices (out of place, so autograd stays valid)."""
+    cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Optional[Tensor]]] = {}
+
+    def hook(z: Tensor, hook: Any) -> Tensor:
+        per_head = split_heads(z, layout.n_heads, layout.d_head)
+        key = (z.device, z.dtype)
+        if key not in cache:
+            cache[key] = (mask.to(z.device)[:, None], None if fill is None else fill.to(z.device, z.dtype))
+        on_device, value = cache[key]
+        replaced = per_head.masked_fill(on_device, 0) if value is None else torch.where(on_device, value, per_head)
+        return replaced.reshape(z.shape)
+
+    return hook
+
+
+@contextlib.contextmanager
+def _zeroed_output_rows(adapter: ModelAdapter, heads: HeadSet) -> Iterator[None]:
+    # Save every slice before changing anything, so an interruption at any point restores cleanly.
+    saved = []
+    for layer in heads.layers():
+        weight = head_output_weight(adapter, layer)
+        rows = weight.rows(heads.indices(layer)).to(weight.param.device)
+        saved.append((weight.param, weight.dim, rows, weight.param.detach().index_select(weight.dim, rows)))
+    try:
+        with torch.no_grad():
+            for param, dim, rows, _ in saved:
+                param.index_fill_(dim, rows, 0)
+        yield
+    finally:
+        with torch.no_grad():
+            for param, dim, rows, original in reversed(saved):  # reversed: shared tensors end up original
+                param.index_copy_(dim, rows, original)
+
+
+def head_mean_activations(
+    model: Any,
+    prompts_or_task: Sequence[str] | Task | TaskSuite | Sequence[Task],
+    *,
+    batch_size: int = 8,
+    prepend_bos: Optional[bool] = None,
+    progress: bool = False,
+) -> Float[Tensor, "n_layers n_heads d_head"]:
+    """Mean ``hook_z`` output of every head over all real tokens of a reference set (float64 sums).
+
+    Every real (non-padding) token of every prompt counts once, BOS included; for tasks the prompts
+    are used. Hooks already on the model apply; measure outside any ablation.
+
+    Returns:
+        float32 means on the CPU, ready for ``ablate(model, heads, mode="mean", mean_activations=...)``.
+
+    Example:
+        >>> means = head_mean_activations(model, reference_task)   # doctest: +SKIP
+    """
+    prompts = _prompts_of(prompts_or_task)
+    adapter = as_adapter(model)
+    layout = head_layout(adapter)
+    total = torch.zeros(layout.n_layers, layout.n_heads, layout.d_head, dtype=torch.float64)
+    n_tokens = 0
+    weights: dict[str, Tensor] = {}
+
+    def add(layer: int) -> Callable[..., Tensor]:
+        def hook(z: Tensor, hook: Any) -> Tensor:
+            per_head = split_heads(z, layout.n_heads, layout.d_head).double()
+            total[layer] += (per_head * weights["mask"].to(z.device)[..., None, None]).sum((0, 1)).cpu()
+            return z
+
+        return hook
+
+    starts = range(0, len(prompts), batch_size)
+    hooks = [(layout.hook_name(layer), add(layer)) for layer in range(layout.n_layers)]
+    with torch.no_grad(), adapter.hooks(hooks):
+        for start in tqdm(starts, total=math.ceil(len(prompts) / batch_size), disable=not progress, desc="head means", leave=False):
+            batch = adapter.tokenize(prompts[start : start + batch_size], padding_side="left", prepend_bos=prepend_bos)
+            weights["mask"] = batch.attention_mask.to(torch.float64)
+            adapter.forward(batch)
+            n_tokens += int(batch.attention_mask.sum())
+    return (total / n_tokens).float()
