@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from tl_taskmap.capture import Capturer, iter_batches
 from tl_taskmap.evaluate import TaskScore, bootstrap_interval, evaluate_task
+from tl_taskmap.hooks import tl_hooks
 from tl_taskmap.models import SITE_TEMPLATES, ModelAdapter, TokenBatch, as_adapter
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
@@ -145,29 +146,19 @@ def ablate(
             yield Ablation(adapter, neurons, mode, ())
         return
     masks = neurons.to_mask()
-    points = adapter.model.hook_dict  # read once: some bridges rebuild it (with aliases) on every access
-    hooks = []
-    for layer in neurons.layers():
-        name = SITE_TEMPLATES["mlp_post"].format(layer=layer)
-        if name not in points:
-            adapter.hook_point(name)  # raises, naming the closest hook points
-        hooks.append((name, points[name], _replace_hook(masks[layer], None if means is None else means[layer], layer)))
-    handles = []
-    try:
-        for _, point, fn in hooks:
-            handles.append(point.register_forward_hook(fn))
-        yield Ablation(adapter, neurons, mode, tuple(name for name, _, _ in hooks))
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [(SITE_TEMPLATES["mlp_post"].format(layer=layer), _replace_hook(masks[layer], None if means is None else means[layer], layer))
+             for layer in neurons.layers()]
+    # TransformerLens hooks at a new context level: hook_dict lists them, reset_hooks() removes them.
+    with tl_hooks(adapter.model, hooks):
+        yield Ablation(adapter, neurons, mode, tuple(name for name, _ in hooks))
 
 
 def _replace_hook(mask: Tensor, fill: Optional[Tensor], layer: int) -> Callable[..., Tensor]:
-    """A plain torch forward hook (so its handle is ours alone) replacing the neurons' activations."""
+    """A TransformerLens hook ``(act, hook) -> act`` replacing the neurons' activations."""
     # Masks (and means) are moved to the activation's device and dtype once, on first use.
     cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Optional[Tensor]]] = {}
 
-    def hook(module: torch.nn.Module, inputs: Any, act: Tensor) -> Tensor:
+    def hook(act: Tensor, hook: Any) -> Tensor:
         if act.shape[-1] != mask.shape[0]:
             raise ValueError(f"layer {layer}: mlp.hook_post has {act.shape[-1]} neurons, the NeuronSet expects d_mlp={mask.shape[0]}")
         key = (act.device, act.dtype)
