@@ -38,9 +38,10 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_taskmap.capture import Capturer, iter_batches
 from tl_taskmap.evaluate import TaskScore, bootstrap_interval, evaluate_task
+from tl_taskmap.driver import Driver
 from tl_taskmap.hooks import tl_hooks
+from tl_taskmap.probes import MeanActivationProbe
 from tl_taskmap.models import SITE_TEMPLATES, ModelAdapter, TokenBatch, as_adapter
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
@@ -207,7 +208,7 @@ def mean_activations(
 
     Every real (non-padding) token of every prompt counts once, BOS included; for tasks the prompts
     are used (not the targets). The activations are streamed through
-    :class:`~tl_taskmap.capture.Capturer` and summed in float64, so memory does not grow with the set.
+    the driver (:class:`~tl_taskmap.probes.MeanActivationProbe`) and summed in float64, so memory does not grow with the set.
     Hooks already on the model apply; measure outside any ablation.
 
     Returns:
@@ -219,22 +220,9 @@ def mean_activations(
     """
     prompts = _prompts_of(prompts_or_task)
     adapter = as_adapter(model)
-    capturer = Capturer(adapter, "mlp_post", reduce=_token_sum, prepend_bos=prepend_bos, stop_early=False)
-    total = torch.zeros(adapter.n_layers, adapter.d_mlp or 0, dtype=torch.float64)
-    n_tokens = 0
-    n_batches = math.ceil(len(prompts) / batch_size)
-    for _, chunk in tqdm(iter_batches(prompts, batch_size), total=n_batches, disable=not progress, desc="mean activations", leave=False):
-        batch = capturer.tokenize(chunk)
-        sums = capturer.run_batch(batch)
-        for site, value in sums.items():
-            total[site.layer] += value.sum(0).cpu()
-        n_tokens += int(batch.attention_mask.sum())
-    return (total / n_tokens).float()
-
-
-def _token_sum(acts: Tensor, batch: TokenBatch) -> Tensor:
-    weights = batch.attention_mask.to(acts.device, torch.float64).unsqueeze(-1)
-    return (acts.double() * weights).sum(1)
+    probe = MeanActivationProbe()
+    Driver(adapter, [probe], batch_size=batch_size, prepend_bos=prepend_bos, include_targets=False, progress=progress).run(prompts)
+    return probe.result()
 
 
 def _prompts_of(source: Any) -> list[str]:
