@@ -14,13 +14,11 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_taskmap.models import ModelAdapter, PaddingSide, TokenBatch, as_adapter
 from tl_taskmap.sinks import (  # noqa: F401  (re-exported: the sinks are part of the capture API)
@@ -201,8 +199,11 @@ def capture(
     Returns:
         Whatever ``sink.finish()`` returns: :class:`Activations` for the memory and disk sinks.
 
-    Only the needed hooks are added, as plain torch handles that are removed on exit (also on an
-    exception or KeyboardInterrupt), so it is safe inside a user's own ``model.hooks(...)`` context.
+    A thin face over the driver (:mod:`tl_taskmap.driver`): one forward per batch, stopped after the
+    last requested hook point (no later blocks, no unembedding). Only the needed hooks are added, as
+    TransformerLens hooks at their own context level (``model.hook_dict[name].fwd_hooks`` lists them
+    while it runs), removed on exit (also on an exception or KeyboardInterrupt), so it is safe inside
+    a user's own ``model.hooks(...)`` context.
 
     Example:
         >>> acts = capture(model, prompts, sites=[(0, "resid_post"), (1, "mlp_post")], reduce="mean")  # doctest: +SKIP

@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
@@ -36,13 +35,12 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_taskmap.evaluate import TaskScore, bootstrap_interval, evaluate_task
 from tl_taskmap.driver import Driver
 from tl_taskmap.hooks import tl_hooks
 from tl_taskmap.probes import MeanActivationProbe
-from tl_taskmap.models import SITE_TEMPLATES, ModelAdapter, TokenBatch, as_adapter
+from tl_taskmap.models import SITE_TEMPLATES, ModelAdapter, as_adapter
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
 

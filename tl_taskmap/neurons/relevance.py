@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -221,6 +221,18 @@ class RelevanceScores:
     def _header(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "name": self.name, "aggregate": self.aggregate, "positions": self.positions,
                 "n_examples": self.n_examples, "n_tokens": self.n_tokens, "meta": self.meta}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The float64 sums and the header (format version, options, counts, meta) as one flat state."""
+        return {"sum_abs": self.sum_abs.clone(), "signed_sum": self.signed_sum.clone(), **self._header()}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "RelevanceScores":
+        """Rebuild from :meth:`state_dict` output (checks the format version)."""
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"relevance state has format version {state.get('format_version')!r}; this tl_taskmap reads {FORMAT_VERSION}")
+        fields = ("n_examples", "n_tokens", "aggregate", "positions", "name", "meta")
+        return cls(state["sum_abs"], state["signed_sum"], **{k: state[k] for k in fields})
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write to a ``.safetensors`` file (float64 sums + a JSON header with a format version; no pickle).
