@@ -224,3 +224,27 @@ def test_run_probes_face_and_errors(bridge_llama, tiny_tasks):
         Driver(bridge_llama, [object()])
     with pytest.raises(ValueError, match="parameters differ"):
         ActivationProbe("resid_post").merge(ActivationProbe("mlp_post"))
+
+
+@pytest.mark.parametrize("kind", tiny_models.MODEL_KINDS)
+def test_relevance_unembeds_only_the_answer_rows_and_scores_are_unchanged(kind, tiny_tasks):
+    if kind.startswith("hooked") and not tiny_models.has_hooked_transformer():
+        pytest.skip("this TransformerLens version has no HookedTransformer (4.x); CI covers it with 3.x")
+    model = tiny_models.make(kind)
+    unembedded = []
+    handle = model.unembed.register_forward_hook(lambda *_: unembedded.append(1))
+    try:
+        fast, full = RelevanceProbe(), RelevanceProbe()
+        Driver(model, [fast], batch_size=BATCH).run(tiny_tasks)
+        assert unembedded == []  # the forward stopped before the unembedding; the answer rows were unembedded alone
+        Driver(model, [full], batch_size=BATCH, row_logits=False).run(tiny_tasks)
+        assert unembedded
+    finally:
+        handle.remove()
+    for task in tiny_tasks.names:
+        torch.testing.assert_close(fast.result(task=task).sum_abs, full.result(task=task).sum_abs, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(fast.result(task=task).signed_sum, full.result(task=task).signed_sum, rtol=1e-4, atol=1e-8)
+    with model.hooks(fwd_hooks=[("unembed.hook_out", lambda x, hook: x * 2)]):  # a user's logit hook: full logits again
+        doubled = RelevanceProbe()
+        Driver(model, [doubled], batch_size=BATCH).run(tiny_tasks)
+    assert not torch.allclose(doubled.result(task="qa").sum_abs, full.result(task="qa").sum_abs)

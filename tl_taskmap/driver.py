@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -61,6 +61,32 @@ def gradient_mode(model: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
+_UNEMBED_IN = "unembed.hook_in"
+
+
+def row_unembedding(adapter: ModelAdapter) -> Optional[Callable[[Tensor], Tensor]]:
+    """``x [n, d_model] -> logits [n, d_vocab]`` with the model's own unembedding, or None when that would
+    not be exact: logits soft-capped or scaled after the unembedding, or hooks at the unembedding."""
+    model = adapter.model
+    if (getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0:
+        return None
+    hf_config = getattr(getattr(model, "original_model", None), "config", None)
+    if any(getattr(hf_config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    points = model.hook_dict
+    if _UNEMBED_IN not in points:
+        return None
+    for name in (_UNEMBED_IN, "unembed.hook_out"):
+        if name in points and (points[name].fwd_hooks or points[name]._forward_hooks):
+            return None
+    unembed = getattr(model, "unembed", None)
+    if adapter.backend == "hooked" and isinstance(getattr(unembed, "W_U", None), torch.Tensor):
+        w, b = unembed.W_U, getattr(unembed, "b_U", None)
+        return (lambda x: x @ w + b) if b is not None else (lambda x: x @ w)
+    inner = getattr(unembed, "_original_component", None)
+    return inner if isinstance(inner, torch.nn.Linear) else None
+
+
 def _work_items(tasks: TasksSpec) -> list[tuple[str, str, list[str], Optional[list[str]]]]:
     """``(name, cluster, prompts, targets or None)`` per task; a plain list of prompts is one task ``"prompts"``."""
     if isinstance(tasks, (list, tuple)) and tasks and all(isinstance(t, str) for t in tasks):
@@ -87,6 +113,9 @@ class Driver:
         include_targets: Append each example's target completion (default: when some probe needs it).
             Site probes reduce over prompt tokens only, so their results do not change with it.
         stop_early: Stop each forward pass once the last needed hook has fired, when nothing needs logits.
+        row_logits: When every loss reads the logits at some positions only (the probe defines
+            ``logit_positions(batch)`` and ``loss_at(row_logits, rows, cols, batch)``), unembed just those
+            rows (exact; off for models that post-process logits or have hooks at the unembedding).
 
     Attributes:
         n_forward, n_backward: Passes run so far, per model name.
@@ -99,7 +128,7 @@ class Driver:
 
     def __init__(self, models: ModelsSpec, probes: Sequence[Probe], *, batch_size: int = 8, padding_side: PaddingSide = "left",
                  prepend_bos: Optional[bool] = None, max_length: Optional[int] = None, include_targets: Optional[bool] = None,
-                 stop_early: bool = True, progress: bool = False):
+                 stop_early: bool = True, row_logits: bool = True, progress: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         self.adapters = _as_models(models)
@@ -109,7 +138,7 @@ class Driver:
             raise TypeError(f"{bad} are not probes (no update(batch)); see tl_taskmap.probes.Probe")
         self.batch_size, self.padding_side, self.prepend_bos, self.max_length = batch_size, padding_side, prepend_bos, max_length
         self.include_targets = any(p.needs_targets for p in self.probes) if include_targets is None else include_targets
-        self.stop_early, self.progress = stop_early, progress
+        self.stop_early, self.row_logits, self.progress = stop_early, row_logits, progress
         self.n_forward: dict[str, int] = {}
         self.n_backward: dict[str, int] = {}
 
@@ -224,7 +253,16 @@ class Driver:
             if probes[i].needs_grad:
                 grad_groups.setdefault(getattr(probes[i], "loss_key", None), []).append(i)
         grad_hooks = {h for group in grad_groups.values() for i in group for h in users[i]}
-        want_logits = bool(grad_groups) or any(probes[i].needs_logits for i in users)
+        # Losses that read the logits at a few positions only (e.g. the answer tokens) get them from the
+        # unembedding of those rows: the forward stops before the unembedding, the backward skips it.
+        unembed = None
+        if (self.row_logits and grad_groups and not any(probes[i].needs_logits for i in users)
+                and all(callable(getattr(probes[g[0]], "logit_positions", None)) for g in grad_groups.values())):
+            unembed = row_unembedding(adapter) if _UNEMBED_IN not in hooks else None
+        if unembed is not None and _UNEMBED_IN not in hooks:
+            hooks.append(_UNEMBED_IN)
+            grad_hooks.add(_UNEMBED_IN)
+        want_logits = unembed is None and (bool(grad_groups) or any(probes[i].needs_logits for i in users))
         stop = self.stop_early and not want_logits and bool(hooks)
         store: dict[str, Tensor] = {}
 
@@ -256,13 +294,18 @@ class Driver:
             if out is not None and want_logits:
                 logits[name] = out.detach()
             for g, (key, group) in enumerate(grad_groups.items()):
-                loss = probes[group[0]].loss(out, batch)
+                if unembed is None:
+                    loss = probes[group[0]].loss(out, batch)
+                else:
+                    rows, cols = probes[group[0]].logit_positions(batch).to(store[_UNEMBED_IN].device).nonzero(as_tuple=True)
+                    loss = probes[group[0]].loss_at(unembed(store[_UNEMBED_IN][rows, cols]), rows, cols, batch)
                 losses[(name, key)] = loss.detach()
                 wanted = list(dict.fromkeys(h for i in group for h in users[i]))
                 got = torch.autograd.grad(loss.sum(), [store[h] for h in wanted], allow_unused=True,
                                           retain_graph=g < len(grad_groups) - 1)
                 self.n_backward[name] = self.n_backward.get(name, 0) + 1
                 grads[(name, key)] = {h: (torch.zeros_like(store[h]) if gr is None else gr) for h, gr in zip(wanted, got)}
+        store.pop(_UNEMBED_IN, None) if unembed is not None else None
         acts[name] = {h: t.detach() for h, t in store.items()}
 
 

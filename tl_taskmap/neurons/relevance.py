@@ -286,18 +286,33 @@ def answer_nll_at_answers(logits: Float[Tensor, "batch pos d_vocab"], batch: Tok
         True
     """
     batch = batch.to(logits.device)
+    rows, cols = answer_predicting_positions(batch).nonzero(as_tuple=True)
+    return answer_nll_from_rows(logits[rows, cols], rows, cols, batch)
+
+
+def answer_predicting_positions(batch: TokenBatch) -> Bool[Tensor, "batch pos"]:
+    """True at the positions whose logits predict an answer token (``t`` where token ``t + 1`` is a target).
+
+    Raises:
+        ValueError: a row has no answer tokens (its loss would be undefined).
+    """
     n_answer = batch.target_mask.sum(1)
     if bool((n_answer == 0).any()):
         rows = torch.nonzero(n_answer == 0).flatten().tolist()
         raise ValueError(f"rows {rows[:5]} of the batch have no answer tokens, so the answer-token loss is undefined; "
                          "give every prompt a target completion or pass loss_fn=")
     predicts = torch.zeros_like(batch.target_mask)
-    predicts[:, :-1] = batch.target_mask[:, 1:]  # logits at t predict token t + 1
-    rows, cols = predicts.nonzero(as_tuple=True)
-    logprobs = torch.log_softmax(logits[rows, cols].float(), dim=-1)
-    picked = logprobs.gather(-1, batch.tokens[rows, cols + 1, None]).squeeze(-1)
-    total = torch.zeros(len(batch), dtype=picked.dtype, device=logits.device).index_add(0, rows, -picked)
-    return total / n_answer
+    predicts[:, :-1] = batch.target_mask[:, 1:]
+    return predicts
+
+
+def answer_nll_from_rows(row_logits: Float[Tensor, "n d_vocab"], rows: Tensor, cols: Tensor, batch: TokenBatch) -> Float[Tensor, " batch"]:
+    """Mean answer NLL per example from the logits at the answer-predicting positions ``(rows, cols)`` only."""
+    tokens = batch.tokens.to(row_logits.device)
+    logprobs = torch.log_softmax(row_logits.float(), dim=-1)
+    picked = logprobs.gather(-1, tokens[rows, cols + 1, None]).squeeze(-1)
+    total = torch.zeros(len(batch), dtype=picked.dtype, device=row_logits.device).index_add(0, rows, -picked)
+    return total / batch.target_mask.sum(1).to(total.device)
 
 
 class RelevanceProbe(Probe):
@@ -343,6 +358,16 @@ class RelevanceProbe(Probe):
         self.__dict__.setdefault("meta_", {})[model] = relevance_meta(adapter, self.loss_name)
         return [adapter.hook_name(layer, "mlp_post") for layer in range(adapter.n_layers)]
 
+    @property
+    def logit_positions(self) -> Optional[Callable[[TokenBatch], Tensor]]:
+        """The default loss reads the logits at the answer-predicting positions only (the driver then
+        unembeds just those rows); a custom ``loss_fn`` gets the full logits."""
+        return answer_predicting_positions if self.loss_fn is None else None
+
+    def loss_at(self, row_logits: Tensor, rows: Tensor, cols: Tensor, batch: TokenBatch) -> Float[Tensor, " batch"]:
+        """The default loss from the logits at ``logit_positions`` (rows of ``[n, d_vocab]``)."""
+        return self._check_losses(answer_nll_from_rows(row_logits, rows, cols, batch), batch)
+
     def loss(self, logits: Tensor, batch: TokenBatch) -> Float[Tensor, " batch"]:
         if self.loss_fn is None:
             losses = answer_nll_at_answers(logits, batch)
@@ -351,6 +376,10 @@ class RelevanceProbe(Probe):
             if not isinstance(losses, Tensor) or losses.shape != (len(batch),):
                 shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
                 raise ValueError(f"loss_fn must return one loss per example, shape ({len(batch)},), got {shape}")
+        return self._check_losses(losses, batch)
+
+    @staticmethod
+    def _check_losses(losses: Tensor, batch: TokenBatch) -> Tensor:
         if not bool(torch.isfinite(losses).all()):
             rows = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
             raise ValueError(f"the loss is NaN or infinite for rows {rows[:5]} of the batch; relevance would be NaN")
