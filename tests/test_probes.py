@@ -248,3 +248,21 @@ def test_relevance_unembeds_only_the_answer_rows_and_scores_are_unchanged(kind, 
         doubled = RelevanceProbe()
         Driver(model, [doubled], batch_size=BATCH).run(tiny_tasks)
     assert not torch.allclose(doubled.result(task="qa").sum_abs, full.result(task="qa").sum_abs)
+
+
+def test_distributed_encoding_is_generic_over_state_dict_and_merge(bridge_llama, tiny_tasks):
+    from tl_taskmap import distributed
+
+    cka, rel = run_probes({"a": bridge_llama, "b": bridge_llama}, tiny_tasks, [CKAProbe(("a", "b")), RelevanceProbe(model="a")],
+                          batch_size=4)
+    for obj, template in ((cka, CKAProbe(("a", "b"))), (rel, RelevanceProbe(model="a")), (rel.result(task="qa"), None)):
+        back = distributed._decode(*distributed._unpack(distributed._pack(*distributed._encode(obj))), template)
+        assert type(back) is type(obj)
+        if isinstance(obj, CKAProbe):
+            assert back.result().equals(obj.result())
+        elif isinstance(obj, RelevanceProbe):
+            assert all(torch.equal(back.result(task=t).sum_abs, obj.result(task=t).sum_abs) for t in tiny_tasks.names)
+        else:
+            assert torch.equal(back.sum_abs, obj.sum_abs) and back.meta == obj.meta and back.n_tokens == obj.n_tokens
+    with pytest.raises(TypeError, match="state_dict\\(\\) and merge\\(\\)"):
+        distributed._encode(object())
