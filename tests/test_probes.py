@@ -210,6 +210,8 @@ def test_activations_take_transformer_lens_keys(bridge_llama):
     sites = resolve_sites(bridge_llama, [("resid_post", -1), (0, "mlp_post")])
     assert [(s.layer, s.kind) for s in sites] == [(2, "resid_post"), (0, "mlp_post")]
     assert capture(bridge_llama, ["a b"], ("resid_post", -1), progress=False).sites[0].layer == 2
+    neurons = capture(bridge_llama, ["a b c", "the lazy dog"], ("post", 1), progress=False)  # TL's get_act_name short name
+    assert neurons.sites[0].hook_name == "blocks.1.mlp.hook_post" and neurons["post", -1] is neurons["mlp_post", 1]
 
 
 def test_run_probes_face_and_errors(bridge_llama, tiny_tasks):

@@ -40,7 +40,8 @@ SITE_TEMPLATES: dict[str, str] = {
     "mlp_post": "blocks.{layer}.mlp.hook_post",
 }
 #: Aliases users type.
-SITE_ALIASES: dict[str, str] = {"neurons": "mlp_post", "mlp.hook_post": "mlp_post", "mlp.hook_pre": "mlp_pre"}
+SITE_ALIASES: dict[str, str] = {"neurons": "mlp_post", "mlp.hook_post": "mlp_post", "mlp.hook_pre": "mlp_pre",
+                                "post": "mlp_post", "pre": "mlp_pre"}  # "post"/"pre": TransformerLens get_act_name short names
 for _site, _template in list(SITE_TEMPLATES.items()):
     SITE_ALIASES.setdefault(_template.split("{layer}.", 1)[1], _site)
 
