@@ -268,3 +268,25 @@ def test_distributed_encoding_is_generic_over_state_dict_and_merge(bridge_llama,
             assert torch.equal(back.sum_abs, obj.sum_abs) and back.meta == obj.meta and back.n_tokens == obj.n_tokens
     with pytest.raises(TypeError, match="state_dict\\(\\) and merge\\(\\)"):
         distributed._encode(object())
+
+
+@pytest.mark.real_model
+def test_real_model_fast_paths_are_exact():
+    """On SmolLM2-135M: relevance from the answer rows' logits equals the full-logits path, and a capture
+    stopped after layer 14 equals the capture of a full forward pass."""
+    from tl_taskmap.embedded import load_default_model
+    from tl_taskmap.tasks import Task
+
+    model = load_default_model()
+    task = Task.from_lists("t", ["Review: a great film. Sentiment:", "Review: a dull mess. Sentiment:", "Q: 2+2=? A:",
+                                 "The capital of France is"], [" positive", " negative", " 4", " Paris"])
+    fast, full = RelevanceProbe(), RelevanceProbe()
+    Driver(model, [fast], batch_size=4).run(task)
+    Driver(model, [full], batch_size=4, row_logits=False).run(task)
+    x, y = fast.result().sum_abs.flatten(), full.result().sum_abs.flatten()
+    assert float(torch.corrcoef(torch.stack([x, y]))[0, 1]) >= 0.9999
+    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6 * float(y.abs().max()))
+    sites = [(layer, "resid_post") for layer in range(15)]
+    early = capture(model, task.prompts, sites, progress=False)
+    for site, value in Capturer(model, sites, stop_early=False).run_batch(task.prompts).items():
+        assert torch.equal(early[site.hook_name], value.float())
