@@ -32,3 +32,11 @@ def bridge_llama():
 @pytest.fixture
 def bridge_gpt2():
     return tiny_models.bridge("gpt2")
+
+
+@pytest.fixture
+def tiny_tasks():
+    """The shared toy suite (``tests/helpers.py``): two multiple-choice tasks in two clusters."""
+    from tests.helpers import tiny_tasks as make
+
+    return make()

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from tests import tiny_models
+from tests.helpers import assert_model_unchanged
 from tl_taskmap.capture import Activations, CallbackSink, DiskSink, capture, resolve_sites
-from tl_taskmap.models import as_adapter, hook_point_hook_counts, parameter_fingerprint
+from tl_taskmap.models import as_adapter
 
 PROMPTS = ["the quick brown fox jumps", "a b", "good movie great", "0 1 2 + 3 = ?", "bad", "yes no maybe true"]
 
@@ -66,7 +67,6 @@ def test_resid_post_matches_hf_hidden_states(bridge_llama, bridge_gpt2):
 def test_exception_mid_capture_leaves_model_clean(any_model):
     a = as_adapter(any_model)
     a.forward(a.tokenize(["warm up"]))
-    hooks_before, params_before = hook_point_hook_counts(any_model), parameter_fingerprint(any_model)
     calls = []
 
     def exploding_sink_add(acts, start):
@@ -74,18 +74,14 @@ def test_exception_mid_capture_leaves_model_clean(any_model):
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with assert_model_unchanged(any_model), pytest.raises(KeyboardInterrupt):
         capture(any_model, PROMPTS, "resid_post", batch_size=2, sink=CallbackSink(exploding_sink_add), progress=False)
-    assert hook_point_hook_counts(any_model) == hooks_before
-    assert parameter_fingerprint(any_model) == params_before
 
     def bad_reduce(acts, batch):
         raise ValueError("reduce failed inside the hook")
 
-    with pytest.raises(ValueError, match="inside the hook"):
+    with assert_model_unchanged(any_model), pytest.raises(ValueError, match="inside the hook"):
         capture(any_model, PROMPTS, "resid_post", reduce=bad_reduce, progress=False)
-    assert hook_point_hook_counts(any_model) == hooks_before
-    assert parameter_fingerprint(any_model) == params_before
 
 
 def test_capture_inside_user_hooks_context(bridge_llama):

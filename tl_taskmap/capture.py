@@ -14,13 +14,11 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_taskmap.models import ModelAdapter, PaddingSide, TokenBatch, as_adapter
 from tl_taskmap.sinks import (  # noqa: F401  (re-exported: the sinks are part of the capture API)
@@ -33,6 +31,8 @@ from tl_taskmap.sinks import (  # noqa: F401  (re-exported: the sinks are part o
     load_disk_activations,
 )
 from tl_taskmap.sites import Site, SiteSpec, resolve_sites  # noqa: F401
+from tl_taskmap.driver import Driver
+from tl_taskmap.probes import ProbeBatch, SiteProbe
 
 Reduction = Union[str, int, Callable[[Tensor, TokenBatch], Tensor]]
 
@@ -109,26 +109,27 @@ class Capturer:
         """One forward pass; returns ``{site: [batch, d]}`` on the model's device, in the model's dtype."""
         if not isinstance(batch, TokenBatch):
             batch = self.tokenize(batch)
-        batch = batch.to(self.adapter.device)
-        store: dict[Site, Tensor] = {}
+        probe = _LastBatchProbe(self.sites, self.reduce, self.adapter.dtype)
+        Driver(self.adapter, [probe], stop_early=self.stop_early).run_batch(batch)
+        return probe.last_
 
-        def make_hook(site: Site) -> Callable[..., None]:
-            def hook(acts: Tensor, hook: Any) -> None:
-                store[site] = reduce_activations(acts.detach(), batch, self.reduce)
 
-            return hook
+class _LastBatchProbe(SiteProbe):
+    """Keeps the reduced activations of the latest batch (for :class:`Capturer` and sinks)."""
 
-        kwargs: dict[str, Any] = {}
-        last_layer = max(s.layer for s in self.sites)
-        if self.stop_early and 0 <= last_layer < self.adapter.n_layers - 1 and all(s.kind != "hook" for s in self.sites):
-            kwargs["stop_at_layer"] = last_layer + 1
-        with torch.no_grad(), self.adapter.hooks([(s.hook_name, make_hook(s)) for s in self.sites]):
-            self.adapter.forward(batch, **kwargs)
-        for site in self.sites:
-            if site not in store:
-                raise RuntimeError(f"hook {site.hook_name} never fired during the forward pass; this architecture may not run it")
-            check_finite(store[site], site, self.adapter.dtype)
-        return store
+    def __init__(self, sites: list[Site], reduce: Reduction, model_dtype: torch.dtype, sink: Optional[ActivationSink] = None):
+        self.sites, self.reduce, self.model_dtype, self.sink, self.model = sites, reduce, model_dtype, sink, None
+        self.last_: dict[Site, Tensor] = {}
+
+    def update(self, batch: ProbeBatch) -> None:
+        (acts,) = batch.acts.values()
+        self.last_ = {}
+        for name, x in acts.items():
+            site = self._site(name)
+            self.last_[site] = batch.reduce(x, self.reduce)
+            check_finite(self.last_[site], site, self.model_dtype)
+        if self.sink is not None:
+            self.sink.add(self.last_, batch.start)
 
 
 def check_finite(acts: Tensor, site: Site, model_dtype: torch.dtype) -> None:
@@ -198,8 +199,11 @@ def capture(
     Returns:
         Whatever ``sink.finish()`` returns: :class:`Activations` for the memory and disk sinks.
 
-    Only the needed hooks are added, as plain torch handles that are removed on exit (also on an
-    exception or KeyboardInterrupt), so it is safe inside a user's own ``model.hooks(...)`` context.
+    A thin face over the driver (:mod:`tl_taskmap.driver`): one forward per batch, stopped after the
+    last requested hook point (no later blocks, no unembedding). Only the needed hooks are added, as
+    TransformerLens hooks at their own context level (``model.hook_dict[name].fwd_hooks`` lists them
+    while it runs), removed on exit (also on an exception or KeyboardInterrupt), so it is safe inside
+    a user's own ``model.hooks(...)`` context.
 
     Example:
         >>> acts = capture(model, prompts, sites=[(0, "resid_post"), (1, "mlp_post")], reduce="mean")  # doctest: +SKIP
@@ -211,11 +215,11 @@ def capture(
     check_prompts(capturer.adapter, prompts, max_length=max_length, prepend_bos=prepend_bos)
     sink = sink if sink is not None else MemorySink()
     sink.start(capturer.sites, len(prompts))
-    n_batches = math.ceil(len(prompts) / batch_size)
-    for start, chunk in tqdm(iter_batches(prompts, batch_size), total=n_batches, disable=not progress, desc="capture", leave=False):
-        sink.add(capturer.run_batch(chunk), start)
+    probe = _LastBatchProbe(capturer.sites, capturer.reduce, capturer.adapter.dtype, sink)
+    driver = Driver(capturer.adapter, [probe], batch_size=batch_size, padding_side=padding_side, prepend_bos=prepend_bos,
+                    max_length=max_length, include_targets=False, progress=progress)
+    driver.run(prompts)
     return sink.finish()
-
 
 __all__ = [
     "AccumulatorSink", "ActivationSink", "Activations", "CallbackSink", "Capturer", "DiskSink", "MemorySink", "Site",

@@ -28,6 +28,7 @@ Example (``torchrun --nproc_per_node=8 my_script.py``)::
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import functools
@@ -43,6 +44,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from tl_taskmap.state_io import join_state, split_state
 
 __all__ = [
     "all_merge", "assign_tasks", "barrier", "broadcast_module", "distributed_compare_models", "distributed_relevance",
@@ -364,24 +367,26 @@ def _broadcast_payload(payload: Optional[Tensor], src: int, group: Any = None) -
 
 
 # ---------------------------------------------------------------------------- merging
-_RELEVANCE_FIELDS = ("n_examples", "n_tokens", "aggregate", "positions", "name", "meta")
-
-
 def _encode(obj: Any) -> tuple[dict, dict[str, Tensor]]:
-    kind = {"module": type(obj).__module__, "class": type(obj).__qualname__}
-    if hasattr(obj, "state_dict") and hasattr(type(obj), "from_state_dict"):
-        return kind, dict(obj.state_dict())
-    if type(obj).__name__ == "RelevanceScores":
-        return {**kind, "fields": {k: getattr(obj, k) for k in _RELEVANCE_FIELDS}}, {"sum_abs": obj.sum_abs, "signed_sum": obj.signed_sum}
-    raise TypeError(f"all_merge needs state_dict()/from_state_dict()/merge() (an accumulator), RelevanceScores or "
-                    f"LayerStats; got {type(obj).__name__}.")
+    """Any object with ``state_dict()`` and ``merge()``: its class and its state (tensors + JSON)."""
+    if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "merge", None))):
+        raise TypeError(f"all_merge needs an object with state_dict() and merge() (an accumulator, a probe, "
+                        f"RelevanceScores) or a LayerStats; got {type(obj).__name__}.")
+    doc, tensors = split_state(obj.state_dict())
+    return {"module": type(obj).__module__, "class": type(obj).__qualname__, "state": doc}, tensors
 
 
-def _decode(doc: dict, tensors: dict[str, Tensor]) -> Any:
+def _decode(doc: dict, tensors: dict[str, Tensor], template: Any = None) -> Any:
+    """Rebuild with ``cls.from_state_dict(state)``, or ``load_state_dict`` on an empty copy of ``template``."""
     cls = getattr(importlib.import_module(doc["module"]), doc["class"])
+    state = join_state(doc["state"], tensors)
     if hasattr(cls, "from_state_dict"):
-        return cls.from_state_dict(tensors)
-    return cls(tensors["sum_abs"], tensors["signed_sum"], **doc["fields"])
+        return cls.from_state_dict(state)
+    if template is None:
+        raise ValueError(f"this rank passed None, but a {cls.__name__} is rebuilt with load_state_dict on the rank's own "
+                         "object: pass an empty one (e.g. a probe with no data) on ranks without data")
+    fresh = template.empty_copy() if hasattr(template, "empty_copy") else copy.copy(template)
+    return fresh.load_state_dict(state) or fresh
 
 
 def _merge_in_order(objs: Sequence[Any]) -> Any:
@@ -395,9 +400,11 @@ def _merge_in_order(objs: Sequence[Any]) -> Any:
 def all_merge(obj: Any, group: Any = None, *, keep_accumulators: bool = True) -> Any:
     """Merge ``obj`` of every rank, in rank order, exactly; every rank gets the identical result.
 
-    ``obj`` is an accumulator (``StreamingLinearCKA``, ``StreamingCovariance``, anything with
-    ``state_dict()/from_state_dict()/merge()``), a ``RelevanceScores`` or a ``LayerStats``; a rank with
-    nothing to add passes None. The merge runs once (rank 0; for LayerStats each accumulator on its
+    ``obj`` is anything with ``state_dict()`` and ``merge()``: an accumulator (``StreamingLinearCKA``,
+    ``StreamingCovariance``), ``RelevanceScores``, any probe (rebuilt with ``load_state_dict`` on an
+    empty copy of the rank's own probe, so pass an empty probe rather than None), or a ``LayerStats``
+    (whose accumulators are merged on separate ranks). A rank with nothing to add may pass None
+    (for classes with ``from_state_dict``). The merge runs once (rank 0; for LayerStats each accumulator on its
     own rank) and the result is broadcast, so ranks agree bitwise. In a plain process ``obj`` is returned.
     ``keep_accumulators=False`` drops the merged accumulators of a LayerStats (its numbers are kept).
 
@@ -416,9 +423,9 @@ def all_merge(obj: Any, group: Any = None, *, keep_accumulators: bool = True) ->
         return _all_merge_layer_stats(obj, group, keep_accumulators)
     payload = None if obj is None else _pack(*_encode(obj))
     parts = _gather_payloads(payload, 0, group)
-    merged = _merge_in_order([_decode(*_unpack(p)) if p is not None else None for p in parts]) if rank(group) == 0 else None
+    merged = _merge_in_order([_decode(*_unpack(p), obj) if p is not None else None for p in parts]) if rank(group) == 0 else None
     out = _broadcast_payload(None if merged is None else _pack(*_encode(merged)), 0, group)
-    return None if out is None else _decode(*_unpack(out))
+    return None if out is None else _decode(*_unpack(out), obj)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0, group: Any = None) -> torch.nn.Module:

@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from tl_taskmap.hooks import find_hook_point, tl_hooks
 
 PaddingSide = Literal["left", "right"]
 
@@ -38,7 +40,8 @@ SITE_TEMPLATES: dict[str, str] = {
     "mlp_post": "blocks.{layer}.mlp.hook_post",
 }
 #: Aliases users type.
-SITE_ALIASES: dict[str, str] = {"neurons": "mlp_post", "mlp.hook_post": "mlp_post", "mlp.hook_pre": "mlp_pre"}
+SITE_ALIASES: dict[str, str] = {"neurons": "mlp_post", "mlp.hook_post": "mlp_post", "mlp.hook_pre": "mlp_pre",
+                                "post": "mlp_post", "pre": "mlp_pre"}  # "post"/"pre": TransformerLens get_act_name short names
 for _site, _template in list(SITE_TEMPLATES.items()):
     SITE_ALIASES.setdefault(_template.split("{layer}.", 1)[1], _site)
 
@@ -225,36 +228,26 @@ class ModelAdapter:
 
     def hook_point(self, name: str, hook_dict: Optional[dict[str, Any]] = None) -> torch.nn.Module:
         """The HookPoint module called ``name``; unknown names list the closest valid ones."""
-        hooks = self.model.hook_dict if hook_dict is None else hook_dict
-        if name not in hooks:
-            close = difflib.get_close_matches(name, list(hooks), n=5, cutoff=0.5)
-            hint = f" Closest valid hook names: {close}." if close else ""
-            mlp = " This model may lack MLP neuron hooks (mlp.hook_post)." if "mlp" in name else ""
-            raise ValueError(f"the model has no hook point {name!r}.{hint}{mlp}")
-        return hooks[name]
+        return find_hook_point(self.model, name, hook_dict)
 
-    @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Sequence[tuple[str, Callable[..., Any]]]) -> Iterator[None]:
-        """Add forward hooks for the duration of a ``with`` block; they are always removed.
+    def hooks(
+        self,
+        fwd_hooks: Sequence[tuple[str, Callable[..., Any]]],
+        bwd_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
+    ) -> contextlib.AbstractContextManager:
+        """Add TransformerLens hooks for the duration of a ``with`` block; they are always removed.
 
         Hook functions take ``(activation, hook)`` like TransformerLens hooks and may return a
-        replacement activation. The handles are plain ``torch`` handles owned by this context, so the
-        user's own hooks (``model.hooks(...)``, permanent hooks) are never touched.
+        replacement activation. They are added through ``HookPoint.add_hook`` at a new hook-context
+        level (:func:`tl_taskmap.hooks.tl_hooks`), so ``model.hook_dict[name].fwd_hooks`` lists them,
+        ``model.reset_hooks()`` removes them and the user's own ``model.hooks(...)`` contexts nest
+        with them; on exit exactly the hooks added here are removed.
 
         Example:
             >>> with adapter.hooks([("blocks.0.hook_resid_post", lambda x, hook: x * 0)]):   # doctest: +SKIP
             ...     logits = adapter.forward(batch)
         """
-        handles = []
-        hook_dict = self.model.hook_dict if fwd_hooks else {}
-        try:
-            for name, fn in fwd_hooks:
-                hp = self.hook_point(name, hook_dict)
-                handles.append(hp.register_forward_hook(_wrap_hook(fn, hp, name)))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return tl_hooks(self.model, fwd_hooks, bwd_hooks)
 
     # ------------------------------------------------------------------ tokens
     def tokenize(
@@ -374,20 +367,6 @@ class ModelAdapter:
     def neuron_vectors(self, layer: int, neurons: Int[Tensor, " k"]) -> Float[Tensor, "k n_params_per_neuron"]:
         """Each neuron's parameters (all roles) concatenated into one vector per neuron."""
         return torch.cat([p.neuron_slice(neurons).reshape(len(neurons), -1).float() for p in self.neuron_params(layer)], dim=1)
-
-
-def _wrap_hook(fn: Callable[..., Any], hook_point: torch.nn.Module, name: str) -> Callable[..., Any]:
-    # Key by the name the user asked for: on the bridge an alias fires with its canonical name.
-    def forward_hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
-        return fn(output, hook=_HookInfo(name, hook_point))
-
-    return forward_hook
-
-
-@dataclass
-class _HookInfo:
-    name: str
-    hook_point: torch.nn.Module
 
 
 def _hooked_neuron_params(mlp: torch.nn.Module) -> list[NeuronParam]:

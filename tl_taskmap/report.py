@@ -67,7 +67,7 @@ from tl_taskmap.report_stages import StageStore, maybe_lock, write_json_atomic
 
 __all__ = ["MapConfig", "ConfigError", "ReportResult", "StageStore", "map_model", "safe_name"]
 
-MODEL_LABEL, SECOND_LABEL, CONTROL_LABEL = "model", "second", "control"
+from tl_taskmap.report_labels import CONTROL_LABEL, MODEL_LABEL, SECOND_LABEL  # noqa: E402  (re-exported)
 
 
 def _fingerprint(suite: Any) -> str:

@@ -104,7 +104,7 @@ def _tasks_section(fig: _Figures, baseline: pd.DataFrame, selection: Any, evalua
 
 def _layers_section(fig: _Figures, stats: Any, has_second: bool, controls: list[dict]) -> tuple[str, Any]:
     from tl_taskmap import plots
-    from tl_taskmap.report import CONTROL_LABEL, MODEL_LABEL, SECOND_LABEL
+    from tl_taskmap.report_labels import CONTROL_LABEL, MODEL_LABEL, SECOND_LABEL
 
     parts = ["<h2 id='layers'>Layer map</h2><p>Representations are the residual stream at the last prompt token "
              f"({', '.join(stats.sites)}), one vector per example and layer (layer <i>l</i> = output of block <i>l</i>, "

@@ -12,7 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_taskmap.models import SITE_ALIASES
-from tl_taskmap.sites import Site
+from tl_taskmap.sites import Site, is_site_pair, site_pair
 
 FORMAT_VERSION = 1
 
@@ -30,11 +30,15 @@ class ActivationSink(Protocol):
 class Activations(Mapping[str, Tensor]):
     """Captured activations: one ``[n_examples, d]`` tensor per site, keyed by hook name.
 
-    Index with a hook name, a :class:`Site`, or a ``(layer, kind)`` pair.
+    Index with a hook name, a :class:`Site`, TransformerLens's ``acts["resid_post", 3]`` or a
+    ``(layer, kind)`` pair. Negative layers count from the deepest captured layer of that kind
+    (``acts["resid_post", -1]`` is the model's last layer when every layer was captured).
 
     Example:
-        >>> acts[(3, "resid_post")].shape    # doctest: +SKIP
+        >>> acts["resid_post", 3].shape      # doctest: +SKIP
         torch.Size([200, 576])
+        >>> acts["resid_post", -1] is acts[(29, "resid_post")]   # doctest: +SKIP
+        True
         >>> acts.stack("resid_post").shape   # doctest: +SKIP
         torch.Size([30, 200, 576])
     """
@@ -46,9 +50,12 @@ class Activations(Mapping[str, Tensor]):
     def _key(self, key: Any) -> str:
         if isinstance(key, Site):
             return key.hook_name
-        if isinstance(key, tuple):
-            layer, kind = key
+        if is_site_pair(key):
+            layer, kind = site_pair(key)
             kind = SITE_ALIASES.get(kind, kind)
+            if layer < 0:
+                layers = [s.layer for s in self.sites if s.kind == kind]
+                layer += max(layers) + 1 if layers else 0
             for site in self.sites:
                 if site.layer == layer and site.kind == kind:
                     return site.hook_name

@@ -26,14 +26,16 @@ def resolve_sites(model: Any, sites: SiteSpec) -> list[Site]:
     """Turn a site specification into validated :class:`Site` objects.
 
     Accepted forms: a short kind for every layer (``"resid_post"``), a full hook name
-    (``"blocks.3.mlp.hook_post"``), a ``(layer, kind)`` pair, a :class:`Site`, or a list of these.
+    (``"blocks.3.mlp.hook_post"``), a ``(kind, layer)`` pair in TransformerLens's key order
+    (``("resid_post", 3)``, as in ``cache["resid_post", 3]``) or a ``(layer, kind)`` pair, a
+    :class:`Site`, or a list of these. Negative layers count from the end (``-1`` is the last block).
 
     Example:
         >>> resolve_sites(model, [(0, "resid_post"), "blocks.1.mlp.hook_post"])   # doctest: +SKIP
         [Site(layer=0, kind='resid_post', hook_name='blocks.0.hook_resid_post'), Site(layer=1, ...)]
     """
     adapter = as_adapter(model)
-    items = [sites] if isinstance(sites, (str, Site)) or (isinstance(sites, tuple) and len(sites) == 2 and isinstance(sites[0], int)) else list(sites)
+    items = [sites] if isinstance(sites, (str, Site)) or is_site_pair(sites) else list(sites)
     if not items:
         raise ValueError("no sites given: name at least one, e.g. sites='resid_post' or [(3, 'mlp_post')]")
     out: list[Site] = []
@@ -41,8 +43,8 @@ def resolve_sites(model: Any, sites: SiteSpec) -> list[Site]:
         if isinstance(item, Site):
             adapter.hook_point(item.hook_name)
             out.append(item)
-        elif isinstance(item, tuple):
-            layer, kind = item
+        elif is_site_pair(item):
+            layer, kind = site_pair(item)
             name = adapter.hook_name(layer, kind)
             out.append(Site(layer % adapter.n_layers, SITE_ALIASES.get(kind, kind), name))
         elif isinstance(item, str) and (item in SITE_TEMPLATES or item in SITE_ALIASES):
@@ -59,6 +61,24 @@ def resolve_sites(model: Any, sites: SiteSpec) -> list[Site]:
     for site in out:
         seen.setdefault(site.hook_name, site)
     return list(seen.values())
+
+
+def is_site_pair(item: Any) -> bool:
+    """``(layer, kind)`` or TransformerLens's ``(kind, layer)``."""
+    if not isinstance(item, tuple) or len(item) != 2:
+        return False
+    a, b = item
+    return (_is_int(a) and isinstance(b, str)) or (isinstance(a, str) and _is_int(b))
+
+
+def site_pair(item: tuple) -> tuple[int, str]:
+    """``(layer, kind)`` from either order. Example: ``site_pair(("resid_post", -1))`` → ``(-1, 'resid_post')``."""
+    a, b = item
+    return (int(b), str(a)) if isinstance(a, str) else (int(a), str(b))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) or type(x).__name__ in ("int64", "int32")
 
 
 def _site_from_hook_name(name: str) -> Site:

@@ -6,13 +6,18 @@ On the same model and batches, in one run:
   (b) plain         forward + ``loss.backward()`` on the parameters (the cost of one training step's gradients)
   (c) naive         one forward + one backward per layer, each differentiating only that layer's activation
                     (parameters frozen as in (a), so the difference is only the number of passes)
+  (d) captum        captum's ``LayerGradientXActivation`` over the same ``mlp.hook_post`` modules of every layer
+                    in one call, with the same per-example loss as (a); skipped with a message when captum is
+                    not installed (``pip install -e ".[bench]"``)
 
 It prints the median seconds of each (over ``--repeats`` after ``--warmup``), the ratio a/b (target
-≤ 1.10) and the speed-up c/a, and checks that (a) and (c) give the same scores.
+≤ 1.10), the speed-up c/a, the ratio a/d (target ≤ 1.0) with the Pearson r of the (a) and (d) scores
+(target ≥ 0.9999), and checks that (a) and (c) give the same scores.
 
     python tests/benchmarks/bench_relevance.py                       # random LLaMA-shaped model, CPU, < 2 min
     python tests/benchmarks/bench_relevance.py --layers 12 --d-mlp 2048 --batch 16 --seq 128
     python tests/benchmarks/bench_relevance.py --model /path/to/hf_model_folder --device cuda
+    python tests/benchmarks/bench_relevance.py --smollm-shape --skip-naive    # SmolLM2-135M's shape, random weights
 
 The default model is a randomly initialised ``LlamaForCausalLM`` (6 layers, d_model 256, d_mlp 1024)
 saved with a small BPE tokenizer to a temp folder and loaded with ``TransformerBridge.boot_transformers``.
@@ -36,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.tiny_m
 
 from tl_taskmap.evaluate import answer_nll  # noqa: E402
 from tl_taskmap.models import TokenBatch, as_adapter  # noqa: E402
-from tl_taskmap.neurons.relevance import GradXActRelevance, _relevance_mode, position_mask  # noqa: E402
+from tl_taskmap.neurons.relevance import GradXActRelevance, _relevance_mode, answer_nll_at_answers, position_mask  # noqa: E402
 
 
 def build_random_llama(args: argparse.Namespace, folder: Path) -> Path:
@@ -48,7 +53,7 @@ def build_random_llama(args: argparse.Namespace, folder: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_mlp, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=max(args.seq, 64),
+        num_attention_heads=args.heads, num_key_value_heads=3 if args.smollm_shape else args.heads, max_position_embeddings=max(args.seq, 64),
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -107,6 +112,28 @@ def run_naive(adapter: Any, batches: list[TokenBatch]) -> torch.Tensor:
     return scores
 
 
+def run_captum(adapter: Any, batches: list[TokenBatch]) -> torch.Tensor:
+    """captum's multi-layer LayerGradientXActivation on the same hook points, loss and counted positions."""
+    from captum.attr import LayerGradientXActivation
+
+    layers = [adapter.hook_point(adapter.hook_name(layer, "mlp_post")) for layer in range(adapter.n_layers)]
+
+    def forward(tokens: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        batch = TokenBatch(tokens, attention_mask, target_mask, "left")
+        return answer_nll_at_answers(adapter.forward(batch), batch)
+
+    method = LayerGradientXActivation(forward, layers)
+    scores = torch.zeros(adapter.n_layers, adapter.d_mlp, dtype=torch.float64)
+    adapter.model.eval()
+    for batch in batches:
+        batch = batch.to(adapter.device)
+        weight = position_mask(batch, "answer").float()[..., None]
+        attributions = method.attribute(batch.tokens, additional_forward_args=(batch.attention_mask, batch.target_mask))
+        for layer, attr in enumerate(attributions):
+            scores[layer] += (attr.detach() * weight).abs().sum((0, 1), dtype=torch.float64).cpu()
+    return scores
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -133,12 +160,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--skip-naive", action="store_true", help="skip (c), which costs n_layers passes")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smollm-shape", action="store_true",
+                        help="a random model of SmolLM2-135M's shape: 30 layers, d_model 576, d_mlp 1536, 9 heads (3 kv), vocab 49152")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads; 1 by default because on a shared CPU more threads oversubscribe "
                              "the cores and timings swing wildly; 0 keeps torch's choice")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.smollm_shape:
+        args.layers, args.d_model, args.d_mlp, args.heads, args.vocab = 30, 576, 1536, 9, 49152
 
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -158,6 +189,12 @@ def main() -> None:
     }
     if not args.skip_naive:
         methods["naive per-layer (c)"] = lambda: run_naive(adapter, batches)
+    try:
+        import captum  # noqa: F401
+
+        methods["captum (d)"] = lambda: run_captum(adapter, batches)
+    except ImportError:
+        print("captum is not installed: skipping (d); install it with `pip install -e \".[bench]\"`")
     times: dict[str, list[float]] = {name: [] for name in methods}
     outputs: dict[str, Any] = {}
     for repeat in range(args.warmup + args.repeats):
@@ -176,6 +213,12 @@ def main() -> None:
         c = medians["naive per-layer (c)"]
         same = torch.allclose(outputs["relevance (a)"], outputs["naive per-layer (c)"], rtol=1e-4, atol=1e-6 * float(outputs["relevance (a)"].max()))
         print(f"speed-up c/a (naive per-layer / one pass): {c / a:.2f}x  (same scores: {same})")
+    if "captum (d)" in medians:
+        d = medians["captum (d)"]
+        x, y = outputs["relevance (a)"].flatten(), outputs["captum (d)"].flatten()
+        r = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+        print(f"ratio a/d (relevance / captum LayerGradientXActivation): {a / d:.3f}  (target <= 1.0); "
+              f"Pearson r of scores {r:.6f} (target >= 0.9999), max rel. diff {float(((x - y).abs() / x.abs().max()).max()):.2e}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 from scipy.stats import spearmanr
 
 from tests import tiny_models
+from tests.helpers import assert_model_unchanged
 from tl_taskmap.evaluate import answer_batches, answer_nll
 from tl_taskmap.models import TokenBatch, as_adapter, hook_point_hook_counts, parameter_fingerprint
 from tl_taskmap.neurons.relevance import (
@@ -219,16 +220,11 @@ def test_leaves_model_as_found(any_model):
 
 
 def test_state_restored_after_an_error(bridge_gpt2):
-    params = list(bridge_gpt2.parameters())
-    hooks_before = hook_point_hook_counts(bridge_gpt2)
-
     def broken(logits, batch):
         raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"):
+    with assert_model_unchanged(bridge_gpt2), pytest.raises(RuntimeError, match="boom"):
         relevance(bridge_gpt2, make_task(), loss_fn=broken)
-    assert all(p.requires_grad for p in params)
-    assert hook_point_hook_counts(bridge_gpt2) == hooks_before
 
 
 def test_custom_loss_fn(bridge_gpt2):

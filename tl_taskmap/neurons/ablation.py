@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
@@ -36,12 +35,13 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from tl_taskmap.capture import Capturer, iter_batches
 from tl_taskmap.evaluate import TaskScore, bootstrap_interval, evaluate_task
-from tl_taskmap.models import SITE_TEMPLATES, ModelAdapter, TokenBatch, as_adapter
+from tl_taskmap.driver import Driver
+from tl_taskmap.hooks import tl_hooks
+from tl_taskmap.models import SITE_TEMPLATES, ModelAdapter, as_adapter
 from tl_taskmap.neurons.sets import HeadSet, NeuronSet
+from tl_taskmap.probes import MeanActivationProbe
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
 
 AblationMode = Literal["zero", "mean", "params"]
@@ -157,29 +157,19 @@ def ablate(
             yield Ablation(adapter, neurons, mode, ())
         return
     masks = neurons.to_mask()
-    points = adapter.model.hook_dict  # read once: some bridges rebuild it (with aliases) on every access
-    hooks = []
-    for layer in neurons.layers():
-        name = SITE_TEMPLATES["mlp_post"].format(layer=layer)
-        if name not in points:
-            adapter.hook_point(name)  # raises, naming the closest hook points
-        hooks.append((name, points[name], _replace_hook(masks[layer], None if means is None else means[layer], layer)))
-    handles = []
-    try:
-        for _, point, fn in hooks:
-            handles.append(point.register_forward_hook(fn))
-        yield Ablation(adapter, neurons, mode, tuple(name for name, _, _ in hooks))
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [(SITE_TEMPLATES["mlp_post"].format(layer=layer), _replace_hook(masks[layer], None if means is None else means[layer], layer))
+             for layer in neurons.layers()]
+    # TransformerLens hooks at a new context level: hook_dict lists them, reset_hooks() removes them.
+    with tl_hooks(adapter.model, hooks):
+        yield Ablation(adapter, neurons, mode, tuple(name for name, _ in hooks))
 
 
 def _replace_hook(mask: Tensor, fill: Optional[Tensor], layer: int) -> Callable[..., Tensor]:
-    """A plain torch forward hook (so its handle is ours alone) replacing the neurons' activations."""
+    """A TransformerLens hook ``(act, hook) -> act`` replacing the neurons' activations."""
     # Masks (and means) are moved to the activation's device and dtype once, on first use.
     cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Optional[Tensor]]] = {}
 
-    def hook(module: torch.nn.Module, inputs: Any, act: Tensor) -> Tensor:
+    def hook(act: Tensor, hook: Any) -> Tensor:
         if act.shape[-1] != mask.shape[0]:
             raise ValueError(f"layer {layer}: mlp.hook_post has {act.shape[-1]} neurons, the NeuronSet expects d_mlp={mask.shape[0]}")
         key = (act.device, act.dtype)
@@ -228,7 +218,7 @@ def mean_activations(
 
     Every real (non-padding) token of every prompt counts once, BOS included; for tasks the prompts
     are used (not the targets). The activations are streamed through
-    :class:`~tl_taskmap.capture.Capturer` and summed in float64, so memory does not grow with the set.
+    the driver (:class:`~tl_taskmap.probes.MeanActivationProbe`) and summed in float64, so memory does not grow with the set.
     Hooks already on the model apply; measure outside any ablation.
 
     Returns:
@@ -240,22 +230,9 @@ def mean_activations(
     """
     prompts = _prompts_of(prompts_or_task)
     adapter = as_adapter(model)
-    capturer = Capturer(adapter, "mlp_post", reduce=_token_sum, prepend_bos=prepend_bos, stop_early=False)
-    total = torch.zeros(adapter.n_layers, adapter.d_mlp or 0, dtype=torch.float64)
-    n_tokens = 0
-    n_batches = math.ceil(len(prompts) / batch_size)
-    for _, chunk in tqdm(iter_batches(prompts, batch_size), total=n_batches, disable=not progress, desc="mean activations", leave=False):
-        batch = capturer.tokenize(chunk)
-        sums = capturer.run_batch(batch)
-        for site, value in sums.items():
-            total[site.layer] += value.sum(0).cpu()
-        n_tokens += int(batch.attention_mask.sum())
-    return (total / n_tokens).float()
-
-
-def _token_sum(acts: Tensor, batch: TokenBatch) -> Tensor:
-    weights = batch.attention_mask.to(acts.device, torch.float64).unsqueeze(-1)
-    return (acts.double() * weights).sum(1)
+    probe = MeanActivationProbe()
+    Driver(adapter, [probe], batch_size=batch_size, prepend_bos=prepend_bos, include_targets=False, progress=progress).run(prompts)
+    return probe.result()
 
 
 def _prompts_of(source: Any) -> list[str]:

@@ -34,11 +34,10 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -47,8 +46,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_taskmap.evaluate import answer_batches, answer_nll
-from tl_taskmap.models import PaddingSide, TokenBatch, as_adapter
+from tl_taskmap.driver import Driver, gradient_mode
+from tl_taskmap.neurons.answer_loss import answer_nll_at_answers, answer_nll_from_rows, answer_predicting_positions  # noqa: F401
+from tl_taskmap.models import ModelAdapter, PaddingSide, TokenBatch, as_adapter
+from tl_taskmap.probes import Probe, ProbeBatch, keyed_state, unkeyed_state
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
 
@@ -221,6 +222,18 @@ class RelevanceScores:
         return {"format_version": FORMAT_VERSION, "name": self.name, "aggregate": self.aggregate, "positions": self.positions,
                 "n_examples": self.n_examples, "n_tokens": self.n_tokens, "meta": self.meta}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The float64 sums and the header (format version, options, counts, meta) as one flat state."""
+        return {"sum_abs": self.sum_abs.clone(), "signed_sum": self.signed_sum.clone(), **self._header()}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "RelevanceScores":
+        """Rebuild from :meth:`state_dict` output (checks the format version)."""
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"relevance state has format version {state.get('format_version')!r}; this tl_taskmap reads {FORMAT_VERSION}")
+        fields = ("n_examples", "n_tokens", "aggregate", "positions", "name", "meta")
+        return cls(state["sum_abs"], state["signed_sum"], **{k: state[k] for k in fields})
+
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write to a ``.safetensors`` file (float64 sums + a JSON header with a format version; no pickle).
 
@@ -256,31 +269,147 @@ class RelevanceScores:
         return cls(sum_abs, signed, **{k: header[k] for k in keys})
 
 
-@contextlib.contextmanager
-def _relevance_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode, frozen parameters and grad enabled; every flag restored afterwards, even on errors."""
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("relevance needs gradients but torch.inference_mode() is active; call it outside that block")
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
+# Kept under its old name: benchmarks and tests use it.
+_relevance_mode = gradient_mode
+
+
+class RelevanceProbe(Probe):
+    """Grad × activation relevance of every MLP neuron, as a probe (needs one backward per batch).
+
+    Args:
+        aggregate: ``"sum_abs"`` (default) or ``"abs_sum"``; see the module docstring.
+        positions: ``"answer"`` (default), ``"prompt"``, ``"all"`` or ``"last_prompt"``.
+        loss_fn: ``loss_fn(logits, batch) -> [batch]`` per-example loss (pluggable: e.g. a contrastive or
+            margin loss over the answer options); default: mean answer NLL.
+        model: Only this model (default: every model the driver runs).
+
+    ``result(task=None, model=None)`` is the :class:`RelevanceScores` of one task and model.
+
+    Example:
+        >>> rel = run_probes(model, task, [RelevanceProbe()])[0].result()   # doctest: +SKIP
+        >>> rel.top(0.1)                                                    # doctest: +SKIP
+    """
+
+    needs_grad = True
+    needs_targets = True
+
+    def __init__(self, aggregate: Aggregate = "sum_abs", positions: Positions = "answer", loss_fn: Optional[LossFn] = None,
+                 model: Optional[str] = None):
+        _check_choice(aggregate, AGGREGATES, "aggregate")
+        _check_choice(positions, POSITIONS, "positions")
+        self.aggregate, self.positions, self.loss_fn, self.model = aggregate, positions, loss_fn, model
+        self.scores_: dict[tuple[str, str], RelevanceScores] = {}
+
+    @property
+    def loss_key(self) -> Any:
+        return ("answer_nll",) if self.loss_fn is None else ("loss_fn", id(self.loss_fn))
+
+    @property
+    def loss_name(self) -> str:
+        return "answer_nll(mean)" if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
+
+    def hook_names(self, model: str, adapter: ModelAdapter) -> list[str]:
+        if not self.uses(model):
+            return []
+        if adapter.d_mlp is None:
+            raise ValueError("the model's cfg has no d_mlp: relevance needs MLP neurons (mlp.hook_post)")
+        self.__dict__.setdefault("meta_", {})[model] = relevance_meta(adapter, self.loss_name)
+        return [adapter.hook_name(layer, "mlp_post") for layer in range(adapter.n_layers)]
+
+    @property
+    def logit_positions(self) -> Optional[Callable[[TokenBatch], Tensor]]:
+        """The default loss reads the logits at the answer-predicting positions only (the driver then
+        unembeds just those rows); a custom ``loss_fn`` gets the full logits."""
+        return answer_predicting_positions if self.loss_fn is None else None
+
+    def loss_at(self, row_logits: Tensor, rows: Tensor, cols: Tensor, batch: TokenBatch) -> Float[Tensor, " batch"]:
+        """The default loss from the logits at ``logit_positions`` (rows of ``[n, d_vocab]``)."""
+        return self._check_losses(answer_nll_from_rows(row_logits, rows, cols, batch), batch)
+
+    def loss(self, logits: Tensor, batch: TokenBatch) -> Float[Tensor, " batch"]:
+        if self.loss_fn is None:
+            losses = answer_nll_at_answers(logits, batch)
+        else:
+            losses = self.loss_fn(logits, batch)
+            if not isinstance(losses, Tensor) or losses.shape != (len(batch),):
+                shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+                raise ValueError(f"loss_fn must return one loss per example, shape ({len(batch)},), got {shape}")
+        return self._check_losses(losses, batch)
+
+    @staticmethod
+    def _check_losses(losses: Tensor, batch: TokenBatch) -> Tensor:
+        if not bool(torch.isfinite(losses).all()):
+            rows = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+            raise ValueError(f"the loss is NaN or infinite for rows {rows[:5]} of the batch; relevance would be NaN")
+        return losses
+
+    def update(self, batch: ProbeBatch) -> None:
+        for model, acts in batch.acts.items():
+            names = list(acts)
+            mask = position_mask(batch.tokens, self.positions)
+            rows, cols = mask.nonzero(as_tuple=True)
+            # Only the counted positions, all layers stacked: one product and two float64 sums.
+            grads, values = batch.grads[model], acts
+            devices = {values[h].device for h in names}
+            if len(devices) == 1:
+                dev = next(iter(devices))
+                r, c = rows.to(dev), cols.to(dev)
+                prod = torch.stack([grads[h][r, c].float() * values[h][r, c].float() for h in names])
+                sum_abs = prod.abs().sum(1, dtype=torch.float64).cpu()
+                signed = prod.sum(1, dtype=torch.float64).cpu()
+            else:  # layers spread over devices (device_map): one layer at a time
+                parts = [(grads[h][rows.to(values[h].device), cols.to(values[h].device)].float()
+                          * values[h][rows.to(values[h].device), cols.to(values[h].device)].float()) for h in names]
+                sum_abs = torch.stack([p.abs().sum(0, dtype=torch.float64).cpu() for p in parts])
+                signed = torch.stack([p.sum(0, dtype=torch.float64).cpu() for p in parts])
+            if not bool(torch.isfinite(sum_abs).all()):
+                layer = int(torch.nonzero(~torch.isfinite(sum_abs).all(1))[0])
+                raise ValueError(f"relevance is NaN or infinite in layer {layer} ({names[layer]}): "
+                                 "activations or gradients overflowed (try float32)")
+            meta = self.__dict__.get("meta_", {}).get(model, {})
+            part = RelevanceScores(sum_abs, signed, n_examples=len(batch), n_tokens=int(mask.sum()), aggregate=self.aggregate,
+                                   positions=self.positions, name=batch.task, meta=meta)
+            key = (batch.task, model)
+            self.scores_[key] = self.scores_[key].merge(part) if key in self.scores_ else part
+
+    def result(self, task: Optional[str] = None, model: Optional[str] = None) -> RelevanceScores:
+        keys = [k for k in self.scores_ if (task is None or k[0] == task) and (model is None or k[1] == model)]
+        if len(keys) != 1:
+            raise KeyError(f"{len(keys)} relevance results match task={task!r}, model={model!r}; have {sorted(self.scores_)}")
+        return self.scores_[keys[0]]
+
+    def merge(self, other: "RelevanceProbe") -> "RelevanceProbe":
+        self._check_same_kind(other)
+        for key, scores in other.scores_.items():
+            self.scores_[key] = self.scores_[key].merge(scores) if key in self.scores_ else scores
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = list(self.scores_)
+        return {**keyed_state({k: {"sum_abs": s.sum_abs, "signed_sum": s.signed_sum} for k, s in self.scores_.items()}),
+                "headers": [self.scores_[k]._header() for k in keys]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> "RelevanceProbe":
+        entries = unkeyed_state(state)
+        fields = ("n_examples", "n_tokens", "aggregate", "positions", "name", "meta")
+        self.scores_ = {k: RelevanceScores(v["sum_abs"], v["signed_sum"], **{f: h[f] for f in fields})
+                        for (k, v), h in zip(entries.items(), state["headers"])}
+        return self
+
+
+def relevance_meta(adapter: ModelAdapter, loss: str) -> dict[str, Any]:
+    """The provenance recorded with relevance scores (site, backend, model class, sizes, loss)."""
+    a = adapter
+    return {"site": "mlp_post", "backend": a.backend, "model": type(getattr(a.model, "original_model", a.model)).__name__,
+            "n_layers": a.n_layers, "d_mlp": a.d_mlp, "gated_mlp": a.gated_mlp, "loss": loss}
 
 
 class GradXActRelevance:
     """Streaming grad × activation relevance at ``mlp.hook_post`` of every layer.
 
     Configure in ``__init__``, feed with :meth:`add` (one batch) or :meth:`fit` (a whole task); the
-    accumulated :class:`RelevanceScores` is ``result_``.
+    accumulated :class:`RelevanceScores` is ``result_``. A thin face over :class:`RelevanceProbe`
+    and the driver (one forward and one backward per batch).
 
     Args:
         model: HookedTransformer, TransformerBridge or ModelAdapter.
@@ -307,29 +436,22 @@ class GradXActRelevance:
         self.aggregate, self.positions, self.loss_fn, self.name = aggregate, positions, loss_fn, name
         self.reset()
 
+    def _probe(self) -> RelevanceProbe:
+        return RelevanceProbe(self.aggregate, self.positions, self.loss_fn)
+
     def reset(self) -> "GradXActRelevance":
         """Forget everything added so far."""
         a = self.adapter
-        loss = "answer_nll(mean)" if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
-        meta = {"site": "mlp_post", "backend": a.backend, "model": type(getattr(a.model, "original_model", a.model)).__name__,
-                "n_layers": a.n_layers, "d_mlp": a.d_mlp, "gated_mlp": a.gated_mlp, "loss": loss}
+        meta = relevance_meta(a, self._probe().loss_name)
         self.result_ = RelevanceScores.empty(a.n_layers, int(a.d_mlp), aggregate=self.aggregate, positions=self.positions,
                                              name=self.name, meta=meta)
         return self
 
-    def _losses(self, logits: Tensor, batch: TokenBatch) -> Tensor:
-        if self.loss_fn is None:
-            n_answer = batch.target_mask.sum(1)
-            if bool((n_answer == 0).any()):
-                rows = torch.nonzero(n_answer == 0).flatten().tolist()
-                raise ValueError(f"rows {rows[:5]} of the batch have no answer tokens, so the answer-token loss is undefined; "
-                                 "give every prompt a target completion or pass loss_fn=")
-            return answer_nll(logits, batch)
-        losses = self.loss_fn(logits, batch)
-        if not isinstance(losses, Tensor) or losses.shape != (len(batch),):
-            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise ValueError(f"loss_fn must return one loss per example, shape ({len(batch)},), got {shape}")
-        return losses
+    def _absorb(self, probe: RelevanceProbe) -> None:
+        for part in probe.scores_.values():
+            self.result_ = self.result_.merge(RelevanceScores(
+                part.sum_abs, part.signed_sum, n_examples=part.n_examples, n_tokens=part.n_tokens, aggregate=self.aggregate,
+                positions=self.positions, name=self.result_.name, meta=self.result_.meta))
 
     def add(self, batch: TokenBatch) -> "GradXActRelevance":
         """Add one batch: one forward and one backward for all layers.
@@ -337,47 +459,9 @@ class GradXActRelevance:
         Example:
             >>> est.add(adapter.tokenize(prompts, answers))   # doctest: +SKIP
         """
-        a = self.adapter
-        batch = batch.to(a.device)
-        mask = position_mask(batch, self.positions)
-        acts: dict[int, Tensor] = {}
-
-        def keep(layer: int) -> Callable[..., Tensor]:
-            def hook(act: Tensor, hook: Any) -> Tensor:
-                if layer in acts:
-                    raise RuntimeError(f"{hook.name} fired twice in one forward pass; relevance needs it once per layer")
-                if not act.requires_grad:  # parameters are frozen, so the first layers start the graph here
-                    act = act.detach().requires_grad_(True)
-                acts[layer] = act
-                return act
-
-            return hook
-
-        with _relevance_mode(a.model), a.hooks([(name, keep(layer)) for layer, name in enumerate(self.hook_names)]):
-            logits = a.forward(batch)
-            losses = self._losses(logits, batch)
-            if not bool(torch.isfinite(losses).all()):
-                rows = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
-                raise ValueError(f"the loss is NaN or infinite for rows {rows[:5]} of the batch; relevance would be NaN")
-            missing = [self.hook_names[layer] for layer in range(a.n_layers) if layer not in acts]
-            if missing:
-                raise RuntimeError(f"hooks {missing[:3]} did not fire during the forward pass")
-            layers = list(range(a.n_layers))
-            grads = torch.autograd.grad(losses.sum(), [acts[layer] for layer in layers], allow_unused=True)
-        weight = mask.to(torch.float32)[..., None]
-        sum_abs, signed = torch.zeros_like(self.result_.sum_abs), torch.zeros_like(self.result_.signed_sum)
-        for layer, grad in zip(layers, grads):
-            if grad is None:  # the layer does not reach the loss: zero relevance
-                continue
-            prod = grad.float() * acts[layer].detach().float() * weight.to(grad.device)  # layers may sit on other devices
-            sum_abs[layer] = prod.abs().sum((0, 1), dtype=torch.float64).cpu()
-            signed[layer] = prod.sum((0, 1), dtype=torch.float64).cpu()
-            if not bool(torch.isfinite(sum_abs[layer]).all()):
-                raise ValueError(f"relevance is NaN or infinite in layer {layer} ({self.hook_names[layer]}): "
-                                 "activations or gradients overflowed (try float32)")
-        self.result_ = self.result_.merge(RelevanceScores(
-            sum_abs, signed, n_examples=len(batch), n_tokens=int(mask.sum()), aggregate=self.aggregate,
-            positions=self.positions, name=self.result_.name, meta=self.result_.meta))
+        probe = self._probe()
+        Driver(self.adapter, [probe]).run_batch(batch, task=self.result_.name or "task")
+        self._absorb(probe)
         return self
 
     def fit(self, data: Union[Task, Iterable[TokenBatch]], *, batch_size: int = 8, padding_side: PaddingSide = "left",
@@ -393,15 +477,13 @@ class GradXActRelevance:
                 raise ValueError(f"task {data.name!r} has no examples: relevance needs at least one")
             if self.name is None:
                 self.result_.name = data.name
-            batches: Iterable[TokenBatch] = answer_batches(self.adapter, data, batch_size, padding_side=padding_side, prepend_bos=prepend_bos)
-            total = -(-len(data) // batch_size)
+            probe = self._probe()
+            Driver(self.adapter, [probe], batch_size=batch_size, padding_side=padding_side, prepend_bos=prepend_bos,
+                   include_targets=True, progress=progress).run(data)
+            self._absorb(probe)
         else:
-            batches, total = data, None
-        for batch in tqdm(batches, total=total, disable=not progress, desc=f"relevance {self.result_.name or ''}".strip()):
-            try:
+            for batch in tqdm(data, disable=not progress, desc=f"relevance {self.result_.name or ''}".strip()):
                 self.add(batch)
-            except ValueError as err:  # say which task the batch came from
-                raise ValueError(f"task {data.name!r}: {err}" if isinstance(data, Task) else str(err)) from None
         if self.result_.n_examples == 0:
             raise ValueError("no examples were given: relevance needs at least one batch with one example")
         return self

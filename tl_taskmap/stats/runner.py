@@ -16,7 +16,6 @@ NaN/inf in any model are dropped from every statistic jointly (never separately 
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -24,9 +23,10 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from tl_taskmap.capture import Capturer, Reduction, Site, iter_batches
+from tl_taskmap.capture import Reduction, Site, check_finite
+from tl_taskmap.driver import Driver
+from tl_taskmap.probes import Probe, ProbeBatch
 from tl_taskmap.models import SITE_ALIASES, SITE_TEMPLATES, ModelAdapter, PaddingSide, as_adapter
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
 
@@ -113,24 +113,6 @@ def _check_n(n: int, estimators: Sequence[str], what: str) -> None:
     if "debiased" in estimators and n < 4:
         raise ValueError(f"{what} has {n} examples; the debiased CKA estimator needs at least 4 "
                          "(add examples or pass estimators=('biased',)).")
-
-
-def _check_same_tokens(adapters: Mapping[str, ModelAdapter], prompts: Sequence[str], task: str,
-                       prepend_bos: Optional[bool]) -> None:
-    """Every model must turn every prompt into the same token ids, or CKA would compare different inputs."""
-    names = list(adapters)
-    for start, chunk in iter_batches(list(prompts), 64):
-        ref = adapters[names[0]].tokenize(chunk, padding_side="right", prepend_bos=prepend_bos)
-        for name in names[1:]:
-            other = adapters[name].tokenize(chunk, padding_side="right", prepend_bos=prepend_bos)
-            rows_a = [r[m.bool()].tolist() for r, m in zip(ref.tokens, ref.attention_mask)]
-            rows_b = [r[m.bool()].tolist() for r, m in zip(other.tokens, other.attention_mask)]
-            for i, (ids_a, ids_b) in enumerate(zip(rows_a, rows_b)):
-                if ids_a != ids_b:
-                    raise ValueError(
-                        f"models {names[0]!r} and {name!r} tokenize prompt {start + i} of task {task!r} differently "
-                        f"({ids_a[:10]} vs {ids_b[:10]}). CKA compares representations of the same inputs, so all "
-                        "models must share one tokenizer (and the same prepend_bos setting).")
 
 
 def _as_key_tensors(acts: Any, kind: str, label: str) -> dict[Key, Tensor]:
@@ -252,6 +234,38 @@ def _to_stats(out: dict, models: list[str], pairs: list[tuple[str, str]], keep_a
     return LayerStats(models=models, pairs=pairs, layers=layers, accumulators=accumulators, meta=meta, **out)
 
 
+class _LayerStatsProbe(Probe):
+    """Feeds one :class:`_TaskAccumulator` per task from the driver's batches (what compare_models fills)."""
+
+    def __init__(self, site_maps: dict[str, dict[Key, Site]], control_maps: dict[int, dict[Key, Site]], reduce: Reduction,
+                 pairs: list[tuple[str, str]], spectra: bool, sample_layers: set[int], sample_index: dict[str, np.ndarray]):
+        self.site_maps, self.control_maps, self.reduce, self.pairs = site_maps, control_maps, reduce, pairs
+        self.spectra, self.sample_layers, self.sample_index = spectra, sample_layers, sample_index
+        self.tasks_: dict[str, _TaskAccumulator] = {}
+        self._keys: dict[str, dict[str, tuple[Key, Site]]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+
+    def hook_names(self, model: str, adapter: ModelAdapter) -> list[str]:
+        site_map = self.site_maps.get(model) or self.control_maps.get(id(adapter), {})
+        self._keys[model] = {site.hook_name: (key, site) for key, site in site_map.items()}
+        self._dtypes[model] = adapter.dtype
+        return [site.hook_name for site in site_map.values()]
+
+    def update(self, batch: ProbeBatch) -> None:
+        batch_acts: dict[str, dict[Key, Tensor]] = {}
+        for name, acts in batch.acts.items():
+            batch_acts[name] = {}
+            for hook, x in acts.items():
+                key, site = self._keys[name][hook]
+                batch_acts[name][key] = reduced = batch.reduce(x, self.reduce)
+                check_finite(reduced, site, self._dtypes[name])
+        if batch.task not in self.tasks_:
+            here = [(a, b) for a, b in self.pairs if a in batch_acts and b in batch_acts]
+            self.tasks_[batch.task] = _TaskAccumulator(batch.task, batch.cluster, here, self.spectra, self.sample_layers,
+                                                       self.sample_index[batch.task])
+        self.tasks_[batch.task].add(batch_acts, batch.start)
+
+
 # ---------------------------------------------------------------------------- public API
 def compare_models(
     models: Mapping[str, Any],
@@ -340,35 +354,16 @@ def compare_models(
     prompts = {t.name: t.prompts[:max_examples] if max_examples else t.prompts for t in suite}
     for task in suite:
         _check_n(len(prompts[task.name]), estimators if pairs else [], f"task {task.name!r}")
-        runners = {**adapters, **({control_name: controls[task.name]} if task.name in controls else {})}
-        _check_same_tokens(runners, prompts[task.name], task.name, prepend_bos)
-
-    def capturer(adapter: ModelAdapter, site_map: dict[Key, Site]) -> Capturer:
-        return Capturer(adapter, list(site_map.values()), reduce, padding_side=padding_side, prepend_bos=prepend_bos)
-
-    capturers = {n: capturer(adapters[n], site_maps[n]) for n in adapters}
     n_aligned = max(k for site_map in site_maps.values() for k, _ in site_map) + 1
     sample_layers = _embedding_layers(embedding_layers, n_aligned)
+    probe = _LayerStatsProbe(site_maps, {id(controls[t]): control_sites[t] for t in controls}, reduce, pairs, spectra, sample_layers,
+                             {t: _sample_index(len(p), max_samples_per_task, seed) for t, p in prompts.items()})
+    # One forward per model per batch; each prompt tokenized once per tokenizer (token ids checked equal).
+    Driver(adapters, [probe], batch_size=batch_size, padding_side=padding_side, prepend_bos=prepend_bos, include_targets=False,
+           progress=progress).run(suite, task_models={t: {control_name: c} for t, c in controls.items()}, max_examples=max_examples)
     out = _new_output()
-    bar = tqdm(total=sum(math.ceil(len(p) / batch_size) for p in prompts.values()), disable=not progress,
-               desc="compare_models", leave=False)
-    for task in suite:
-        caps, maps = dict(capturers), dict(site_maps)
-        if task.name in controls:
-            maps[control_name] = control_sites[task.name]
-            caps[control_name] = capturer(controls[task.name], maps[control_name])
-        here = [(a, b) for a, b in pairs if a in caps and b in caps]
-        acc = _TaskAccumulator(task.name, task.cluster, here, spectra, sample_layers,
-                               _sample_index(len(prompts[task.name]), max_samples_per_task, seed))
-        for start, chunk in iter_batches(prompts[task.name], batch_size):
-            batch_acts = {}
-            for name, cap in caps.items():  # exactly one forward pass per model per batch
-                captured = cap.run_batch(chunk)
-                batch_acts[name] = {key: captured[site] for key, site in maps[name].items()}
-            acc.add(batch_acts, start)
-            bar.update(1)
+    for acc in probe.tasks_.values():
         acc.finish(out, estimators, keep_accumulators)
-    bar.close()
     meta = {
         "format_version": FORMAT_VERSION, "estimators": estimators, "control_name": control_name,
         "reduce": reduce if isinstance(reduce, (str, int)) else getattr(reduce, "__name__", "callable"),
