@@ -24,6 +24,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from tl_taskmap.report_config import ABLATION_MODES, CONTROL_NEURONS, DTYPES, REDUCTIONS, ConfigError, MapConfig
+from tl_taskmap.report_config import SELECTION_METHODS
 
 _DEFAULTS = MapConfig()
 _RUN_OPTIONS = ("command", "config", "force", "dry_run", "quiet", "threads")  # how to run, not what: not in MapConfig
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=int, metavar="N", help=_help("random neuron sets per ablation row", "seeds"))
     g.add_argument("--ablation-mode", choices=ABLATION_MODES, help=_help("how neurons are switched off", "ablation_mode"))
     g.add_argument("--seed", type=int, metavar="N", help=_help("seed of splits, sampling and training", "seed"))
+    g.add_argument("--selection", nargs="*", choices=SELECTION_METHODS, metavar="METHOD",
+                   help=_help(f"selection methods to compare side by side ({', '.join(SELECTION_METHODS)}); none: skip", "selection"))
     return parser
 
 

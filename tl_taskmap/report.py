@@ -9,6 +9,8 @@
   ``neurons/<task>.json`` with ``jaccard*.csv``, ``overlap_sweep.csv``, ``parameter_similarity.csv``;
   ``layers/`` (:class:`~tl_taskmap.stats.results.LayerStats` as JSON + safetensors, ``layer_stats.csv``,
   ``controls.json``); ``ablation/matrix.json`` with ``cells.csv``, ``delta_table.csv``, ``specificity.csv``;
+  ``selection/`` (the selection-method comparison: ``comparison.csv``, ``summary.csv``, ``comparison.json``
+  with the verdict, ``matrix_<method>.json``);
 * ``stages/<stage>.json``: what each stage depended on (a hash of those configuration fields,
   the task contents and upstream stages), its files and how long it took.
 
@@ -280,6 +282,26 @@ def _ablation(run: _Run) -> tuple[list[str], dict]:
     return [f"ablation/{f}" for f in ("matrix.json", "cells.csv", "delta_table.csv", "specificity.csv")], matrix.meta
 
 
+def _selection(run: _Run) -> tuple[list[str], dict]:
+    """Selection-method comparison (:mod:`tl_taskmap.neurons.selection_compare`), reusing gradxact's relevance and ablation matrix."""
+    from tl_taskmap.neurons.ablation import mean_activations
+    from tl_taskmap.neurons.ablation_matrix import AblationMatrix
+    from tl_taskmap.neurons.selection_compare import compare_selections
+
+    cfg, names = run.config, run.selection.names
+    if not cfg.selection or len(names) < 2:
+        return [], {"skipped": "no selection methods given" if not cfg.selection else "comparing methods needs ≥ 2 tasks"}
+    gradxact = {n: r.scores for n, r in load_relevance(run.out, names).items()}
+    # the ablation stage ablated exactly the gradxact sets with the same seeds and mode: reuse it
+    reuse = {"gradxact": AblationMatrix.load(run.out / "ablation" / "matrix.json")}
+    means = mean_activations(run.model, run.selection) if cfg.ablation_mode == "mean" else None
+    comparison = compare_selections(run.model, run.selection, run.evaluation, cfg.selection, k=cfg.k, per_layer=cfg.per_layer,
+                                    seeds=[cfg.seed + i for i in range(cfg.seeds)], mode=cfg.ablation_mode, mean_activations=means,
+                                    batch_size=cfg.batch_size, gradxact=gradxact, matrices=reuse, progress=run.progress)
+    files = comparison.save(run.folder("selection"))
+    return [run.rel(f) for f in files], {"verdict": comparison.verdict}
+
+
 # ---------------------------------------------------------------------------------------- result
 @dataclass
 class ReportResult:
@@ -385,6 +407,9 @@ def _map_model(config: MapConfig, tasks: Any, force: bool, progress: bool, log: 
     stages["layers"] = store.run("layers", inputs["layers"], lambda: _layers(run), log)
     inputs["ablation"] = {"neurons": stages["neurons"]["hash"], **model_id, **tasks_id, **config.parts("seeds", "ablation_mode", "seed")}
     stages["ablation"] = store.run("ablation", inputs["ablation"], lambda: _ablation(run), log)
+    inputs["selection"] = {"relevance": stages["relevance"]["hash"], "ablation": stages["ablation"]["hash"], **model_id, **tasks_id,
+                           **config.parts("selection", "k", "per_layer", "seeds", "ablation_mode", "seed")}
+    stages["selection"] = store.run("selection", inputs["selection"], lambda: _selection(run), log)
 
     from tl_taskmap.report_html import left_out, write_report
 

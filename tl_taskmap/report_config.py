@@ -24,6 +24,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 REDUCTIONS = ("last", "mean")
 ABLATION_MODES = ("zero", "mean", "params")
 CONTROL_NEURONS = ("full", "task")
+#: Selection methods of :mod:`tl_taskmap.neurons.selection` compared in the report (its ``METHODS``).
+SELECTION_METHODS = ("gradxact", "contrastive", "specific", "exclusive")
 TASK_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -65,6 +67,8 @@ class MapConfig:
         k: Fraction of neurons per task set (top-k%, 0.1 = 10%). per_layer: top-k per layer or global.
         seeds: Random neuron sets per ablation row (matched per-layer counts).
         ablation_mode: ``"zero"``, ``"mean"`` or ``"params"``.
+        selection: Selection methods compared side by side (``gradxact``, ``contrastive``, ``specific``,
+            ``exclusive``; empty: no comparison). The task sets of the other stages are always ``gradxact``.
         device, dtype, batch_size, seed: Where and how things run; ``seed`` fixes splits and training.
 
     Example:
@@ -96,6 +100,7 @@ class MapConfig:
     per_layer: bool = True
     seeds: int = 2
     ablation_mode: str = "zero"
+    selection: list[str] = field(default_factory=lambda: list(SELECTION_METHODS))
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = 8
@@ -119,6 +124,9 @@ class MapConfig:
         _check(isinstance(self.control_lr, (int, float)) and self.control_lr > 0, f"control_lr must be positive, got {self.control_lr!r}")
         for name, options in (("dtype", DTYPES), ("reduce", REDUCTIONS), ("ablation_mode", ABLATION_MODES), ("control_neurons", CONTROL_NEURONS)):
             _check(getattr(self, name) in options, f"{name} must be one of {options}, got {getattr(self, name)!r}")
+        _check(isinstance(self.selection, (list, tuple)) and all(m in SELECTION_METHODS for m in self.selection)
+               and len(set(self.selection)) == len(self.selection),
+               f"selection must be distinct methods among {SELECTION_METHODS}, got {self.selection!r}")
         _check_device(self.device)
         _check_sites(self.sites)
         for name in ("model", "second_model"):

@@ -191,6 +191,7 @@ def compare_selections(
     per_layer: bool = True,
     seeds: Union[int, Sequence[int]] = 3,
     mode: str = "zero",
+    mean_activations: Optional[Any] = None,
     batch_size: int = 8,
     gradxact: Optional[Mapping[str, Any]] = None,
     matrices: Optional[Mapping[str, AblationMatrix]] = None,
@@ -204,7 +205,8 @@ def compare_selections(
         model: HookedTransformer, TransformerBridge or ModelAdapter.
         selection_tasks, evaluation_tasks: The same tasks' selection and held-out examples.
         methods: Names from :data:`~tl_taskmap.neurons.selection.METHODS` and/or callables ``score_fn(model, suite)``.
-        k, per_layer: Top-k rule. seeds: random sets per row (count or list). mode: ablation mode.
+        k, per_layer: Top-k rule. seeds: random sets per row (count or list). mode: ablation mode
+            (``mean_activations`` for ``"mean"``, as :func:`~tl_taskmap.neurons.ablation_matrix.ablation_matrix`).
         gradxact: Precomputed gradxact scores per task, reused. matrices: precomputed ablation matrices per
             method name (must match the sets, seeds and mode), reused.
         n_boot, alpha: Bootstrap of the specificity intervals.
@@ -226,7 +228,8 @@ def compare_selections(
     for method, sel in selections.items():
         matrix = done.get(method)
         if matrix is None:
-            matrix = ablation_matrix(model, evaluation, sel.sets, seeds=seed_list, mode=mode, batch_size=batch_size, progress=progress)  # type: ignore[arg-type]
+            matrix = ablation_matrix(model, evaluation, sel.sets, seeds=seed_list, mode=mode,  # type: ignore[arg-type]
+                                     mean_activations=mean_activations, batch_size=batch_size, progress=progress)
         out_matrices[method] = matrix
         spec = specificity(matrix, n_boot=n_boot, alpha=alpha).set_index("task")
         jac, jac_random = mean_pairwise_jaccard(sel.sets), random_pairwise_jaccard(sel.sets, seed_list or [0])
@@ -242,3 +245,31 @@ def compare_selections(
             "n_evaluation_examples": {t.name: len(t) for t in evaluation}, "n_selection_examples": {t.name: len(t) for t in selection},
             "intervals": "specificity(): per-example bootstrap (and over seeds for random); the statistics branch's two-level bootstrap will replace it"}
     return SelectionComparison(table, summary, verdict(summary), out_matrices, selections, meta)
+
+
+def plot_selection_comparison(table: pd.DataFrame, value: str = "vs_other", ax: Any = None) -> Any:
+    """Grouped bars: per task, each method's ``value`` (``vs_other`` or ``vs_random``) with its interval.
+
+    Example:
+        >>> ax = plot_selection_comparison(cmp.table)   # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+
+    if value not in ("vs_other", "vs_random"):
+        raise ValueError(f"value must be 'vs_other' or 'vs_random', got {value!r}")
+    methods, tasks = list(dict.fromkeys(table["method"])), list(dict.fromkeys(table["task"]))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(tasks) * max(1, len(methods)) / 2 + 2), 3.2))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        rows = table[table["method"] == method].set_index("task").reindex(tasks)
+        x = np.arange(len(tasks)) + (i - (len(methods) - 1) / 2) * width
+        mid = rows[value].to_numpy(float)
+        err = np.vstack([mid - rows[f"{value}_low"].to_numpy(float), rows[f"{value}_high"].to_numpy(float) - mid])
+        ax.bar(x, mid, width, label=method, yerr=np.nan_to_num(err), capsize=2)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    label = "own − other" if value == "vs_other" else "own − random"
+    ax.set_ylabel(f"extra metric drop ({label})")
+    ax.legend(fontsize=8)
+    return ax
