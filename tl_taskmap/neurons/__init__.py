@@ -41,3 +41,8 @@ __all__ = [
     "train_control_model",
     "trainable_neurons",
 ]
+
+from .selection import Selection, select_all, select_neurons  # noqa: E402
+from .selection_compare import SelectionComparison, compare_selections  # noqa: E402
+
+__all__ += ["Selection", "SelectionComparison", "compare_selections", "select_all", "select_neurons"]
