@@ -251,8 +251,8 @@ def specific_scores(gradxact: Mapping[str, Tensor]) -> Scores:
 
     Example:
         >>> s = specific_scores({"a": torch.tensor([[1.0, 1.0]]), "b": torch.tensor([[0.0, 2.0]])})
-        >>> s["a"].tolist(), s["b"].tolist()
-        ([[0.5, 0.25]], [[0.0, 0.5]])
+        >>> [round(v, 3) for v in s["a"][0].tolist()], [round(v, 3) for v in s["b"][0].tolist()]
+        ([0.5, 0.167], [0.0, 0.667])
     """
     scores = _check_scores(gradxact, "specific")
     if len(scores) < 2:
