@@ -305,3 +305,17 @@ def test_verdict_states_negative_results():
     line = verdict(pd.DataFrame(rows))
     assert line.startswith("no method gave own > random or own > other") and line.index("specific") < line.index("gradxact")
     assert not math.isnan(rows[0]["mean_loss_vs_other"])
+
+
+def test_config_and_cli_selection_option():
+    from tl_taskmap.cli import build_parser, config_from_args
+    from tl_taskmap.report_config import SELECTION_METHODS, ConfigError, MapConfig
+
+    assert SELECTION_METHODS == METHODS and MapConfig().selection == list(METHODS)
+    args = build_parser().parse_args(["map", "--selection", "gradxact", "specific"])
+    assert config_from_args(args).selection == ["gradxact", "specific"]
+    assert config_from_args(build_parser().parse_args(["map", "--selection"])).selection == []
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["map", "--selection", "gradient"])
+    with pytest.raises(ConfigError, match="selection must be distinct methods among"):
+        MapConfig(selection=["gradxact", "gradxact"]).validate()
