@@ -20,7 +20,8 @@ from tl_taskmap.report import MapConfig, load_neuron_sets, map_model
 
 FIGURES = {"baseline", "cka_curves", "dims_99", "task_similarity", "tsne", "relevance_by_layer", "jaccard", "overlap_by_layer",
            "overlap_sweep", "parameter_similarity", "ablation_matrix", "specificity",
-           "head_relevance", "relevance_neurons_vs_heads", "head_overlap", "head_ablation_matrix", "head_specificity"}
+           "head_relevance", "relevance_neurons_vs_heads", "head_overlap", "head_ablation_matrix", "head_specificity",
+           "selection_vs_other", "selection_vs_random"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -87,10 +88,11 @@ def test_report_writes_every_file(report):
                  "neurons/overlap_sweep.csv", "neurons/parameter_similarity.csv", "neurons/sentiment.json", "neurons/arith.json",
                  "relevance/sentiment.safetensors", "relevance/arith.safetensors", "layers/stats/layer_stats.json",
                  "layers/stats/arrays.safetensors", "layers/layer_stats.csv", "layers/controls.json", "ablation/matrix.json",
-                 "ablation/cells.csv", "ablation/delta_table.csv", "ablation/specificity.csv"]:
+                 "ablation/cells.csv", "ablation/delta_table.csv", "ablation/specificity.csv", "selection/comparison.csv",
+                 "selection/summary.csv", "selection/comparison.json", "selection/matrix_contrastive.json"]:
         assert (out / name).is_file(), name
     assert MapConfig.load(out / "config.json") == report.config
-    for stage in ("baseline", "relevance", "neurons", "layers", "ablation"):
+    for stage in ("baseline", "relevance", "neurons", "layers", "ablation", "selection"):
         record = json.loads((out / "stages" / f"{stage}.json").read_text())
         assert record["seconds"] >= 0 and record["files"]
 
@@ -140,7 +142,7 @@ def test_html_is_self_contained_with_every_figure_embedded(report):
     for name, data in embedded_pngs.items():
         assert data == (report.out / "figures" / f"{name}.png").read_bytes(), name
     assert "could not be drawn" not in text
-    for section in ("findings", "tasks", "layers", "neurons", "ablation", "left-out", "files", "config"):
+    for section in ("findings", "tasks", "layers", "neurons", "ablation", "selection", "left-out", "files", "config"):
         assert f"id='{section}'" in text
     assert "No base (pre-trained) model was compared" in text  # the left-out comparisons are said
 
@@ -166,7 +168,7 @@ def test_changing_k_reruns_only_the_stages_that_depend_on_it(report, tmp_path, o
     config = MapConfig.from_dict({**report.config.to_dict(), "out": str(out), "k": 0.2})
     result = map_model(config, progress=False, log=lambda message: None)
     ran = {name for name, record in result.stages.items() if not record["cached"]}
-    assert ran == {"neurons", "ablation", "heads"}  # heads: the head sets are top-k too
+    assert ran == {"neurons", "ablation", "heads", "selection"}  # heads: the head sets are top-k too
     assert len(result.neuron_sets()["arith"]) == 3 * 10
 
 

@@ -26,6 +26,7 @@ import traceback
 from typing import Any, Optional, Sequence
 
 from tl_taskmap.report_config import ABLATION_MODES, CONTROL_NEURONS, DTYPES, REDUCTIONS, ConfigError, MapConfig
+from tl_taskmap.report_config import SELECTION_METHODS
 
 _DEFAULTS = MapConfig()
 _RUN_OPTIONS = ("command", "config", "force", "dry_run", "quiet", "threads", "debug")  # how to run, not what: not in MapConfig
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ablation-mode", choices=ABLATION_MODES, help=_help("how neurons are switched off", "ablation_mode"))
     g.add_argument("--no-heads", dest="heads", action="store_false", help="skip the attention-head stage (head relevance, sets, ablation)")
     g.add_argument("--seed", type=int, metavar="N", help=_help("seed of splits, sampling and training", "seed"))
+    g.add_argument("--selection", nargs="*", choices=SELECTION_METHODS, metavar="METHOD",
+                   help=_help(f"selection methods to compare side by side ({', '.join(SELECTION_METHODS)}); none: skip", "selection"))
     return parser
 
 

@@ -10,6 +10,8 @@
   ``layers/`` (:class:`~tl_taskmap.stats.results.LayerStats` as JSON + safetensors, ``layer_stats.csv``,
   ``controls.json``); ``ablation/matrix.json`` with ``cells.csv``, ``delta_table.csv``, ``specificity.csv``;
   ``heads/`` (attention heads as units, :mod:`tl_taskmap.report_heads`; off with ``heads=False``);
+  ``selection/`` (the selection-method comparison: ``comparison.csv``, ``summary.csv``, ``comparison.json``
+  with the verdict, ``matrix_<method>.json``);
 * ``stages/<stage>.json``: what each stage depended on (a hash of those configuration fields,
   the task contents, the model's content and upstream stages), its files with their sha256 and how
   long it took; ``stages/current_config.json``: the configuration of the latest run, finished or not
@@ -300,6 +302,24 @@ def _heads(run: _Run) -> tuple[list[str], dict]:
     from tl_taskmap.report_heads import heads_stage
 
     return heads_stage(run)
+def _selection(run: _Run) -> tuple[list[str], dict]:
+    """Selection-method comparison (:mod:`tl_taskmap.neurons.selection_compare`), reusing gradxact's relevance and ablation matrix."""
+    from tl_taskmap.neurons.ablation import mean_activations
+    from tl_taskmap.neurons.ablation_matrix import AblationMatrix
+    from tl_taskmap.neurons.selection_compare import compare_selections
+
+    cfg, names = run.config, run.selection.names
+    if not cfg.selection or len(names) < 2:
+        return [], {"skipped": "no selection methods given" if not cfg.selection else "comparing methods needs ≥ 2 tasks"}
+    gradxact = {n: r.scores for n, r in load_relevance(run.out, names).items()}
+    # the ablation stage ablated exactly the gradxact sets with the same seeds and mode: reuse it
+    reuse = {"gradxact": AblationMatrix.load(run.out / "ablation" / "matrix.json")}
+    means = mean_activations(run.model, run.selection) if cfg.ablation_mode == "mean" else None
+    comparison = compare_selections(run.model, run.selection, run.evaluation, cfg.selection, k=cfg.k, per_layer=cfg.per_layer,
+                                    seeds=[cfg.seed + i for i in range(cfg.seeds)], mode=cfg.ablation_mode, mean_activations=means,
+                                    batch_size=cfg.batch_size, gradxact=gradxact, matrices=reuse, progress=run.progress)
+    files = comparison.save(run.folder("selection"))
+    return [run.rel(f) for f in files], {"verdict": comparison.verdict}
 
 
 # ---------------------------------------------------------------------------------------- result
@@ -428,6 +448,9 @@ def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], 
     if config.heads:  # attention heads as units: relevance, sets, overlap, ablation (tl_taskmap.report_heads)
         inputs["heads"] = {**model_id, **tasks_id, **config.parts("k", "per_layer", "seeds", "ablation_mode", "seed")}
         stages["heads"] = store.run("heads", inputs["heads"], lambda: _heads(run), log)
+    inputs["selection"] = {"relevance": stages["relevance"]["hash"], "ablation": stages["ablation"]["hash"], **model_id, **tasks_id,
+                           **config.parts("selection", "k", "per_layer", "seeds", "ablation_mode", "seed")}
+    stages["selection"] = store.run("selection", inputs["selection"], lambda: _selection(run), log)
 
     from tl_taskmap.report_html import left_out, write_report
 

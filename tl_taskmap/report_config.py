@@ -25,6 +25,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 REDUCTIONS = ("last", "mean")
 ABLATION_MODES = ("zero", "mean", "params")
 CONTROL_NEURONS = ("full", "task")
+#: Selection methods of :mod:`tl_taskmap.neurons.selection` compared in the report (its ``METHODS``).
+SELECTION_METHODS = ("gradxact", "contrastive", "specific", "exclusive")
 TASK_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -67,6 +69,8 @@ class MapConfig:
         seeds: Random neuron sets per ablation row (matched per-layer counts).
         ablation_mode: ``"zero"``, ``"mean"`` or ``"params"``.
         heads: Also map attention heads (head relevance, top-k head sets, their overlap and ablation matrix).
+        selection: Selection methods compared side by side (``gradxact``, ``contrastive``, ``specific``,
+            ``exclusive``; empty: no comparison). The task sets of the other stages are always ``gradxact``.
         device, dtype, batch_size, seed: Where and how things run; ``seed`` fixes splits and training.
 
     Example:
@@ -99,6 +103,7 @@ class MapConfig:
     seeds: int = 2
     ablation_mode: str = "zero"
     heads: bool = True
+    selection: list[str] = field(default_factory=lambda: list(SELECTION_METHODS))
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = 8
@@ -125,6 +130,9 @@ class MapConfig:
         for name, options in (("dtype", DTYPES), ("reduce", REDUCTIONS), ("ablation_mode", ABLATION_MODES), ("control_neurons", CONTROL_NEURONS)):
             _check(getattr(self, name) in options, f"{name} must be one of {options}, got {getattr(self, name)!r}")
         _check(isinstance(self.heads, bool), f"heads must be true or false, got {self.heads!r}")
+        _check(isinstance(self.selection, (list, tuple)) and all(m in SELECTION_METHODS for m in self.selection)
+               and len(set(self.selection)) == len(self.selection),
+               f"selection must be distinct methods among {SELECTION_METHODS}, got {self.selection!r}")
         _check_device(self.device)
         _check_sites(self.sites)
         for name in ("model", "second_model"):

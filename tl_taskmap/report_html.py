@@ -262,6 +262,37 @@ def _heads_section(fig: _Figures, out: Path, k: float, record: Optional[dict]) -
                                            "heads and with other tasks' heads; bars: 95% bootstrap intervals.",
                        lambda: plots.plot_specificity(spec))
             + _table(spec[cols]))
+def _selection_section(fig: _Figures, out: Path, record: dict) -> str:
+    """The selection-method comparison (stage ``selection``); empty when the stage wrote nothing."""
+    if not record.get("files"):
+        return ""
+    from tl_taskmap.neurons.selection_compare import SelectionComparison, plot_selection_comparison
+
+    cmp = SelectionComparison.load(out / "selection")
+    meta = cmp.meta
+    n_eval = sorted(set(meta.get("n_evaluation_examples", {}).values()))
+
+    def bars(value: str) -> Any:
+        fig_, (ax,) = _new_axes(1, (max(5.0, 0.6 * cmp.table["task"].nunique() * max(1, len(cmp.matrices)) + 2), 3.4))
+        plot_selection_comparison(cmp.table, value, ax=ax)
+        return fig_
+
+    cols = ["method", "task", "baseline", "n_neurons", "own_drop", "vs_random", "vs_random_low", "vs_random_high", "vs_other",
+            "vs_other_low", "vs_other_high", "loss_vs_random", "loss_vs_other", "jaccard_other", "jaccard_random"]
+    return ("<h2 id='selection'>Selection methods compared</h2><p>Each method picks every task's neurons on the selection half; "
+            "the sets are ablated on the evaluation half "
+            f"({', '.join(map(str, n_eval))} examples per task, {len(meta.get('seeds', []))} random seeds, mode "
+            f"<code>{_esc(meta.get('mode'))}</code>). <b>gradxact</b>: Σ|∂L/∂a·a| on the answer loss (the paper's); "
+            "<b>contrastive</b>: the same attribution of the margin between the correct option and the mean of the others "
+            "(generation tasks: against another example's target), |·| per example; <b>specific</b>: r̂<sub>t</sub>² / Σ<sub>u</sub> "
+            "r̂<sub>u</sub> with each task's relevance normalised to total 1; <b>exclusive</b>: gradxact's set minus neurons in the "
+            "sets of at least max(2, ⌈T/2⌉) tasks. own − random / own − other: extra drop of the task's metric (intervals: "
+            "bootstrap over examples and random seeds); loss columns: extra answer-loss increase in nats (no interval); "
+            "Jaccard: mean overlap with the other tasks' sets of the same method, and of matched random sets.</p>"
+            f"<p><b>Verdict:</b> {_esc(cmp.verdict)}</p>"
+            + fig.html("selection_vs_other", "Own − other tasks' sets, per method and task (95% intervals).", lambda: bars("vs_other"))
+            + fig.html("selection_vs_random", "Own − matched random sets, per method and task (95% intervals).", lambda: bars("vs_random"))
+            + _table(cmp.summary) + _table(cmp.table[cols]))
 
 
 def _findings(baseline: pd.DataFrame, spec: Optional[pd.DataFrame], jaccard: pd.DataFrame, k: float, sections: Any,
@@ -355,9 +386,11 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
         + (f", reusing {sum(bool(r.get('cached')) for r in stages.values())} finished stages" if any(r.get("cached") for r in stages.values()) else "")
         + ".</p>"
         "<nav><a href='#findings'>Findings</a><a href='#tasks'>Tasks</a><a href='#layers'>Layer map</a><a href='#neurons'>Neurons</a>"
-        "<a href='#ablation'>Ablation</a>" + ("<a href='#heads'>Heads</a>" if heads_html else "") + "<a href='#left-out'>Left out</a><a href='#files'>Files</a><a href='#config'>Configuration</a></nav>"
+        "<a href='#ablation'>Ablation</a>" + ("<a href='#heads'>Heads</a>" if heads_html else "")
+        + ("<a href='#selection'>Selection methods</a>" if stages.get("selection", {}).get("files") else "")
+        + "<a href='#left-out'>Left out</a><a href='#files'>Files</a><a href='#config'>Configuration</a></nav>"
         f"<h2 id='findings'>Findings</h2>{findings}"
-        + tasks_html + layers_html + neurons_html + ablation_html + heads_html
+        + tasks_html + layers_html + neurons_html + ablation_html + heads_html + _selection_section(fig, out, stages.get("selection", {}))
         + "<h2 id='left-out'>Left out, and why</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>"
         + (f"<p class='error'>Figures that failed: {_esc(fig.errors)}</p>" if fig.errors else "")
         + "<h2 id='files'>Files and timings</h2>" + _table(timing, digits=1)

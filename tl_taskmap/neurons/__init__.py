@@ -50,3 +50,8 @@ __all__ = [
     "head_relevance",
     "relevance_with_heads",
 ]
+
+from .selection import Selection, select_all, select_neurons  # noqa: E402
+from .selection_compare import SelectionComparison, compare_selections  # noqa: E402
+
+__all__ += ["Selection", "SelectionComparison", "compare_selections", "select_all", "select_neurons"]
