@@ -76,8 +76,12 @@ def option_logprob_sums(
     rows = [row for ids in option_ids for row in ids]
     device = adapter.device
 
-    logits, cache = forward_with_cache(adapter, prompt_batch.tokens, prompt_batch.attention_mask)
-    last = logits[torch.arange(len(prompts), device=logits.device), prompt_batch.last_index.to(logits.device)]
+    if padding_side == "left":  # every prompt ends in the last column: unembed that column only
+        logits, cache = forward_with_cache(adapter, prompt_batch.tokens, prompt_batch.attention_mask, last_only=True)
+        last = logits[:, -1]
+    else:
+        logits, cache = forward_with_cache(adapter, prompt_batch.tokens, prompt_batch.attention_mask)
+        last = logits[torch.arange(len(prompts), device=logits.device), prompt_batch.last_index.to(logits.device)]
     del logits
     first_logprobs = F.log_softmax(last.float(), dim=-1)
     row_example = torch.tensor(example_of_row, device=first_logprobs.device)

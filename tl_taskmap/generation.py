@@ -22,6 +22,7 @@ from tl_taskmap.kv_cache import forward_with_cache
 from tl_taskmap.models import ModelAdapter, TokenBatch
 
 
+@torch.no_grad()
 def greedy_token_ids(
     adapter: ModelAdapter,
     prompts: Sequence[str],
@@ -55,9 +56,9 @@ def greedy_token_ids(
     for step in range(max_new_tokens):
         if use_cache:
             if cache is None:
-                logits, cache = forward_with_cache(adapter, batch.tokens, batch.attention_mask)
+                logits, cache = forward_with_cache(adapter, batch.tokens, batch.attention_mask, last_only=True)
             else:
-                logits, cache = forward_with_cache(adapter, next_ids[:, None], torch.ones_like(next_ids[:, None]), cache)
+                logits, cache = forward_with_cache(adapter, next_ids[:, None], torch.ones_like(next_ids[:, None]), cache, last_only=True)
         else:
             logits = adapter.forward(batch)
         next_ids: Int[Tensor, " batch"] = logits[:, -1].argmax(-1)

@@ -90,8 +90,13 @@ def forward_with_cache(
     tokens: Int[Tensor, "batch new"],
     attention_mask: Int[Tensor, "batch new"],
     cache: Optional[PrefixCache] = None,
+    *,
+    last_only: bool = False,
 ) -> tuple[Float[Tensor, "batch new d_vocab"], PrefixCache]:
     """Logits of ``tokens`` continuing the cached prefix (or starting one), and the extended cache.
+
+    ``last_only=True`` returns the logits of the last column only (``[batch, 1, d_vocab]``) and skips
+    the unembedding of the other positions, as Hugging Face ``generate`` does (``logits_to_keep=1``).
 
     Args:
         adapter: The model.
@@ -110,9 +115,9 @@ def forward_with_cache(
     prefix_mask = cache.attention_mask.to(device) if cache is not None else attention_mask[:, :0]
     full_mask = torch.cat([prefix_mask, attention_mask], 1)
     if adapter.backend == "hooked":
-        logits, state = _hooked_forward(adapter, tokens, attention_mask, cache)
+        logits, state = _hooked_forward(adapter, tokens, attention_mask, cache, last_only)
     else:
-        logits, state = _bridge_forward(adapter, tokens, full_mask, cache)
+        logits, state = _bridge_forward(adapter, tokens, full_mask, cache, last_only)
     new_cache = PrefixCache(state, full_mask, adapter.backend)
     cached = _cached_length(new_cache)
     if cached != full_mask.shape[1]:
@@ -123,7 +128,7 @@ def forward_with_cache(
     return logits, new_cache
 
 
-def _hooked_forward(adapter: ModelAdapter, tokens: Tensor, new_mask: Tensor, cache: Optional[PrefixCache]) -> tuple[Tensor, Any]:
+def _hooked_forward(adapter: ModelAdapter, tokens: Tensor, new_mask: Tensor, cache: Optional[PrefixCache], last_only: bool) -> tuple[Tensor, Any]:
     if cache is None:
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -131,30 +136,50 @@ def _hooked_forward(adapter: ModelAdapter, tokens: Tensor, new_mask: Tensor, cac
     else:
         state = cache.state
     # HookedTransformer appends new_mask to the cached mask and counts positions over the whole mask.
-    logits = adapter.model(tokens, attention_mask=new_mask, past_kv_cache=state, return_type="logits")
+    model = adapter.model
+    if not last_only:
+        return model(tokens, attention_mask=new_mask, past_kv_cache=state, return_type="logits"), state
+    # Stop after the last block, then run the final norm and unembedding on the last column only.
+    residual = model(tokens, attention_mask=new_mask, past_kv_cache=state, stop_at_layer=adapter.n_layers)[:, -1:]
+    if getattr(model.cfg, "normalization_type", None) is not None:
+        residual = model.ln_final(residual)
+    logits = model.unembed(residual)
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if cap is not None and cap > 0:  # as HookedTransformer.forward does after the unembedding
+        logits = cap * torch.tanh(logits / cap)
     return logits, state
 
 
-def _bridge_forward(adapter: ModelAdapter, tokens: Tensor, full_mask: Tensor, cache: Optional[PrefixCache]) -> tuple[Tensor, Any]:
+def _bridge_forward(adapter: ModelAdapter, tokens: Tensor, full_mask: Tensor, cache: Optional[PrefixCache], last_only: bool) -> tuple[Tensor, Any]:
     position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, full_mask.shape[1] - tokens.shape[1] :]
     kwargs: dict[str, Any] = {"use_cache": True}
+    if last_only and "logits_to_keep" in _hf_forward_parameters(adapter):
+        kwargs["logits_to_keep"] = 1
     if cache is not None:
         kwargs[_hf_cache_keyword(adapter)] = cache.state
     with _attention_sees_cache(adapter):
         logits, state = adapter.model(tokens, attention_mask=full_mask, position_ids=position_ids, return_type="logits_and_cache", **kwargs)
-    return logits, state
+    return (logits[:, -1:] if last_only else logits), state
+
+
+def _hf_forward_parameters(adapter: ModelAdapter) -> frozenset[str]:
+    """Keyword names the wrapped Hugging Face model's ``forward`` takes (kept on the adapter)."""
+    import inspect
+
+    names = adapter.__dict__.get("_hf_forward_parameter_cache")
+    if names is None:
+        hf_model = getattr(adapter.model, "original_model", None)
+        try:
+            names = frozenset(inspect.signature(hf_model.forward).parameters) if hf_model is not None else frozenset()
+        except (TypeError, ValueError):
+            names = frozenset()
+        adapter.__dict__["_hf_forward_parameter_cache"] = names
+    return names
 
 
 def _hf_cache_keyword(adapter: ModelAdapter) -> str:
     """``cache`` where the wrapped Hugging Face model takes it (transformers >= 5.x), else ``past_key_values``."""
-    import inspect
-
-    hf_model = getattr(adapter.model, "original_model", None)
-    try:
-        params = inspect.signature(hf_model.forward).parameters if hf_model is not None else {}
-    except (TypeError, ValueError):
-        params = {}
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _hf_forward_parameters(adapter) else "past_key_values"
 
 
 def _cached_length(cache: PrefixCache) -> int:
