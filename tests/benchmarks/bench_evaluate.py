@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--random", action="store_true", help="use a random SmolLM2-shaped model")
     parser.add_argument("--layers", type=int, default=30, help="layers of the random model")
+    parser.add_argument("--options", nargs="+", default=OPTIONS, help="answer options of the MC task (leading spaces kept)")
     parser.add_argument("--skip", choices=["mc", "generation"], default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -120,7 +121,9 @@ def main() -> None:
           f"1 thread, median of {args.repeats} interleaved repeats")
 
     if args.skip != "mc":
-        task = Task.from_lists("bench", prompts, [OPTIONS[i % 4] for i in range(len(prompts))], options=OPTIONS)
+        options = list(args.options)
+        task = Task.from_lists("bench", prompts, [options[i % len(options)] for i in range(len(prompts))], options=options)
+        n_opt_tok = [len(adapter.tokenizer.encode(o, add_special_tokens=False)) for o in options]
 
         def prompt_forward() -> None:
             with torch.no_grad():
@@ -134,7 +137,7 @@ def main() -> None:
                          "MC cached": lambda: evaluate_task(bridge, task, batch_size=args.batch_size),
                          "MC full (reference)": lambda: evaluate_task(bridge, task, batch_size=args.batch_size, fast=False)}, args.repeats)
         base = t["prompt forward"]
-        print(f"\nMC scoring, {len(OPTIONS)} options (max |cached - reference| option score {diff:.1e}):")
+        print(f"\nMC scoring, {len(options)} options of {n_opt_tok} tokens (max |cached - reference| option score {diff:.1e}):")
         for name, sec in t.items():
             print(f"  {name:22s} {sec:7.3f} s  {sec / base:5.2f}x prompt forward")
         print(f"  target: cached <= 1.5x -> {'met' if t['MC cached'] / base <= 1.5 else 'NOT met'}")
