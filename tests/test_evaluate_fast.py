@@ -218,3 +218,25 @@ def test_real_model_fast_equals_reference():
     a = as_adapter(model)
     prompts = ["The capital of France is", "1, 2, 3, 4,"]
     assert greedy_token_ids(a, prompts, 6) == greedy_token_ids(a, prompts, 6, use_cache=False)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_answer_window_forward_equals_full_forward_with_gradients(any_model, padding_side):
+    from tl_taskmap.evaluate import answer_window_forward
+
+    a = as_adapter(any_model)
+    batch = a.tokenize(PROMPTS, [" yes no", " a", " good bad awful", " 5", " awful", " x"], padding_side=padding_side)
+    params = [p for p in any_model.parameters() if p.requires_grad]
+    window_loss = answer_nll(*answer_window_forward(a, batch)).sum()
+    g_window = torch.autograd.grad(window_loss, params, allow_unused=True)
+    full_loss = answer_nll(a.forward(batch), batch).sum()
+    g_full = torch.autograd.grad(full_loss, params, allow_unused=True)
+    torch.testing.assert_close(window_loss, full_loss, atol=1e-5, rtol=0)
+    for gw, gf in zip(g_window, g_full):
+        if gf is not None:
+            torch.testing.assert_close(gw, gf, atol=1e-5, rtol=1e-4)
+    if padding_side == "left":
+        logits, window = answer_window_forward(a, batch)
+        assert logits.shape[1] == window.tokens.shape[1]  # the window, or the full batch where the model cannot slice
+        if a.backend == "hooked" or "llama" in type(getattr(any_model, "original_model", any_model)).__name__.lower():
+            assert logits.shape[1] == int(batch.target_mask.sum(1).max()) + 1 < batch.tokens.shape[1]

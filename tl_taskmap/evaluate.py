@@ -67,6 +67,36 @@ def answer_nll(
     return total / n_target if reduction == "mean" else total
 
 
+def answer_window_forward(adapter: ModelAdapter, batch: TokenBatch) -> tuple[Float[Tensor, "batch window d_vocab"], TokenBatch]:
+    """Logits of only the trailing columns that hold the answers, with the matching slice of ``batch``.
+
+    ``answer_nll(*answer_window_forward(adapter, batch))`` equals ``answer_nll(adapter.forward(batch), batch)``
+    (values and gradients) but unembeds ``max answer length + 1`` columns instead of every position,
+    which saves the ``[batch, pos, d_vocab]`` logits and their gradient when training. It needs left
+    padding (answers end in the last column); otherwise the full logits are returned with ``batch``.
+
+    Example:
+        >>> logits, window = answer_window_forward(adapter, adapter.tokenize(["2+2="], [" 4"]))   # doctest: +SKIP
+        >>> answer_nll(logits, window)                                                            # doctest: +SKIP
+    """
+    from tl_taskmap.kv_cache import _hf_forward_parameters, hooked_unembed
+
+    width = int(batch.target_mask.sum(1).max()) + 1
+    if batch.padding_side != "left" or width >= batch.tokens.shape[1]:
+        return adapter.forward(batch), batch
+    window = TokenBatch(batch.tokens[:, -width:], batch.attention_mask[:, -width:], batch.target_mask[:, -width:], "left")
+    if adapter.backend == "hooked":
+        on_device = batch.to(adapter.device)
+        residual = adapter.model(on_device.tokens, attention_mask=on_device.attention_mask, stop_at_layer=adapter.n_layers)
+        return hooked_unembed(adapter.model, residual[:, -width:]), window
+    if "logits_to_keep" in _hf_forward_parameters(adapter):
+        logits = adapter.forward(batch, logits_to_keep=width)
+        if logits.shape[1] == width:
+            return logits, window
+        return logits, batch
+    return adapter.forward(batch), batch
+
+
 def answer_batches(
     adapter: ModelAdapter,
     task: Task,

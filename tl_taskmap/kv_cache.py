@@ -141,13 +141,18 @@ def _hooked_forward(adapter: ModelAdapter, tokens: Tensor, new_mask: Tensor, cac
         return model(tokens, attention_mask=new_mask, past_kv_cache=state, return_type="logits"), state
     # Stop after the last block, then run the final norm and unembedding on the last column only.
     residual = model(tokens, attention_mask=new_mask, past_kv_cache=state, stop_at_layer=adapter.n_layers)[:, -1:]
+    return hooked_unembed(model, residual), state
+
+
+def hooked_unembed(model: Any, residual: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+    """What ``HookedTransformer.forward`` does after its last block: final norm, unembedding, soft cap."""
     if getattr(model.cfg, "normalization_type", None) is not None:
         residual = model.ln_final(residual)
     logits = model.unembed(residual)
     cap = getattr(model.cfg, "output_logits_soft_cap", None)
-    if cap is not None and cap > 0:  # as HookedTransformer.forward does after the unembedding
+    if cap is not None and cap > 0:
         logits = cap * torch.tanh(logits / cap)
-    return logits, state
+    return logits
 
 
 def _bridge_forward(adapter: ModelAdapter, tokens: Tensor, full_mask: Tensor, cache: Optional[PrefixCache], last_only: bool) -> tuple[Tensor, Any]:
