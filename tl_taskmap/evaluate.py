@@ -17,8 +17,9 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_taskmap.choice_scoring import option_logprob_sums
+from tl_taskmap.generation import greedy_token_ids
+from tl_taskmap.kv_cache import KVCacheUnsupported
 from tl_taskmap.models import ModelAdapter, PaddingSide, TokenBatch, as_adapter
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
 
@@ -35,14 +39,16 @@ Scoring = Literal["mean", "sum"]
 def answer_token_logprobs(logits: Float[Tensor, "batch pos d_vocab"], batch: TokenBatch) -> Float[Tensor, "batch pos"]:
     """Log-probability of each target token given what precedes it (0 where the token is not a target).
 
-    Position ``t`` holds ``log p(tokens[t] | tokens[:t])``, read from the logits at ``t - 1``.
+    Position ``t`` holds ``log p(tokens[t] | tokens[:t])``, read from the logits at ``t - 1``. The
+    float32 log-softmax runs only at the positions that predict a target token (not over the whole
+    vocabulary at every position), which keeps memory at O(answer tokens x vocabulary).
     """
     batch = batch.to(logits.device)
-    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logprobs.gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
+    predicts_target = batch.target_mask[:, 1:]
+    picked = F.log_softmax(logits[:, :-1][predicts_target].float(), dim=-1).gather(-1, batch.tokens[:, 1:][predicts_target][:, None]).squeeze(-1)
     out = torch.zeros(batch.tokens.shape, dtype=picked.dtype, device=logits.device)
-    out[:, 1:] = picked
-    return out * batch.target_mask
+    out[:, 1:][predicts_target] = picked
+    return out
 
 
 def answer_nll(
@@ -59,6 +65,36 @@ def answer_nll(
         raise ValueError(f"rows {rows[:5]} have no answer tokens: the loss needs a target completion after each prompt")
     total = -answer_token_logprobs(logits, batch).sum(1)
     return total / n_target if reduction == "mean" else total
+
+
+def answer_window_forward(adapter: ModelAdapter, batch: TokenBatch) -> tuple[Float[Tensor, "batch window d_vocab"], TokenBatch]:
+    """Logits of only the trailing columns that hold the answers, with the matching slice of ``batch``.
+
+    ``answer_nll(*answer_window_forward(adapter, batch))`` equals ``answer_nll(adapter.forward(batch), batch)``
+    (values and gradients) but unembeds ``max answer length + 1`` columns instead of every position,
+    which saves the ``[batch, pos, d_vocab]`` logits and their gradient when training. It needs left
+    padding (answers end in the last column); otherwise the full logits are returned with ``batch``.
+
+    Example:
+        >>> logits, window = answer_window_forward(adapter, adapter.tokenize(["2+2="], [" 4"]))   # doctest: +SKIP
+        >>> answer_nll(logits, window)                                                            # doctest: +SKIP
+    """
+    from tl_taskmap.kv_cache import _hf_forward_parameters, hooked_unembed
+
+    width = int(batch.target_mask.sum(1).max()) + 1
+    if batch.padding_side != "left" or width >= batch.tokens.shape[1]:
+        return adapter.forward(batch), batch
+    window = TokenBatch(batch.tokens[:, -width:], batch.attention_mask[:, -width:], batch.target_mask[:, -width:], "left")
+    if adapter.backend == "hooked":
+        on_device = batch.to(adapter.device)
+        residual = adapter.model(on_device.tokens, attention_mask=on_device.attention_mask, stop_at_layer=adapter.n_layers)
+        return hooked_unembed(adapter.model, residual[:, -width:]), window
+    if "logits_to_keep" in _hf_forward_parameters(adapter):
+        logits = adapter.forward(batch, logits_to_keep=width)
+        if logits.shape[1] == width:
+            return logits, window
+        return logits, batch
+    return adapter.forward(batch), batch
 
 
 def answer_batches(
@@ -128,11 +164,17 @@ def evaluate_task(
     max_new_tokens: Optional[int] = None,
     prepend_bos: Optional[bool] = None,
     progress: bool = False,
+    fast: bool = True,
 ) -> TaskScore:
     """Score ``model`` on ``task``: answer loss plus the task's metric.
 
-    For multiple choice, one pass over all (example, option) rows gives both the accuracy and the
-    loss (the target is one of the options). Generation tasks take one loss pass plus greedy decoding.
+    For multiple choice, the option scores give both the accuracy and the loss (the target is one of
+    the options). Generation tasks take one loss pass plus greedy decoding.
+
+    With ``fast=True`` (default) each prompt runs once and its key/value cache serves all options
+    (:mod:`tl_taskmap.choice_scoring`) and every decoding step (:mod:`tl_taskmap.generation`); the
+    scores equal the ``fast=False`` reference (one full forward per option, no cache) up to float
+    rounding, including under per-token hooks such as ablations.
 
     Args:
         model: A HookedTransformer, TransformerBridge or ModelAdapter (hooks already on it apply,
@@ -142,6 +184,8 @@ def evaluate_task(
         scoring: ``"mean"`` (per-token, default: options of different lengths compare fairly) or ``"sum"``.
         max_new_tokens: Generation budget (default: longest target + 2 tokens).
         prepend_bos: Prepend BOS (default: the model's setting).
+        fast: Score from one cached pass per prompt (default); ``False`` runs the full reference
+            forward per option and decodes without a cache.
 
     Example:
         >>> evaluate_task(model, task)   # doctest: +SKIP
@@ -151,22 +195,51 @@ def evaluate_task(
     if scoring not in ("mean", "sum"):
         raise ValueError(f"scoring must be 'mean' or 'sum', got {scoring!r}")
     with torch.no_grad():
+        if fast:
+            try:
+                if task.metric == "accuracy":
+                    return _evaluate_choice(adapter, task, batch_size, scoring, prepend_bos, progress, _cached_option_nll)
+                return _evaluate_generation(adapter, task, batch_size, max_new_tokens, prepend_bos, progress, use_cache=True)
+            except KVCacheUnsupported as err:
+                warnings.warn(f"{err}; falling back to the uncached evaluation", RuntimeWarning, stacklevel=2)
         if task.metric == "accuracy":
-            return _evaluate_choice(adapter, task, batch_size, scoring, prepend_bos, progress)
-        return _evaluate_generation(adapter, task, batch_size, max_new_tokens, prepend_bos, progress)
+            return _evaluate_choice(adapter, task, batch_size, scoring, prepend_bos, progress, _full_option_nll)
+        return _evaluate_generation(adapter, task, batch_size, max_new_tokens, prepend_bos, progress, use_cache=False)
 
 
-def _evaluate_choice(adapter: ModelAdapter, task: Task, batch_size: int, scoring: Scoring, prepend_bos: Optional[bool], progress: bool) -> TaskScore:
+OptionNLL = Callable[[ModelAdapter, Task, int, Optional[bool], bool], "tuple[Tensor, Tensor]"]
+
+
+def _full_option_nll(adapter: ModelAdapter, task: Task, batch_size: int, prepend_bos: Optional[bool], progress: bool) -> tuple[Tensor, Tensor]:
+    """Reference: one full ``prompt + option`` forward per (example, option) row; summed NLL and token counts."""
     rows = [(i, e.prompt, opt) for i, e in enumerate(task.examples) for opt in e.options]  # type: ignore[union-attr]
-    mean_nll = torch.empty(len(rows))
     sum_nll = torch.empty(len(rows))
+    counts = torch.empty(len(rows))
     for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc=f"eval {task.name}", leave=False):
         chunk = rows[start : start + batch_size]
         batch = adapter.tokenize([r[1] for r in chunk], [r[2] for r in chunk], prepend_bos=prepend_bos)
         logits = adapter.forward(batch)
-        summed = answer_nll(logits, batch, reduction="sum").cpu()
-        sum_nll[start : start + len(chunk)] = summed
-        mean_nll[start : start + len(chunk)] = summed / batch.target_mask.sum(1)
+        sum_nll[start : start + len(chunk)] = answer_nll(logits, batch, reduction="sum").cpu()
+        counts[start : start + len(chunk)] = batch.target_mask.sum(1).float()
+    return sum_nll, counts
+
+
+def _cached_option_nll(adapter: ModelAdapter, task: Task, batch_size: int, prepend_bos: Optional[bool], progress: bool) -> tuple[Tensor, Tensor]:
+    """One cached pass per prompt (``batch_size`` prompts at a time) scores all its options."""
+    sums, counts = [], []
+    for start in tqdm(range(0, len(task), batch_size), disable=not progress, desc=f"eval {task.name}", leave=False):
+        chunk = task.examples[start : start + batch_size]
+        logprob_sums, n_tokens = option_logprob_sums(adapter, [e.prompt for e in chunk], [list(e.options or []) for e in chunk], prepend_bos=prepend_bos)
+        sums.append(-logprob_sums)
+        counts.append(n_tokens.float())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def _evaluate_choice(
+    adapter: ModelAdapter, task: Task, batch_size: int, scoring: Scoring, prepend_bos: Optional[bool], progress: bool, option_nll: OptionNLL
+) -> TaskScore:
+    sum_nll, counts = option_nll(adapter, task, batch_size, prepend_bos, progress)
+    mean_nll = sum_nll / counts
     if not torch.isfinite(mean_nll).all():
         raise FloatingPointError(f"non-finite answer loss on task {task.name!r}: check the model's dtype (fp16 overflow?) and weights")
     score = mean_nll if scoring == "mean" else sum_nll
@@ -184,48 +257,44 @@ def _evaluate_choice(adapter: ModelAdapter, task: Task, batch_size: int, scoring
                      predictions, losses, option_scores)
 
 
-def _evaluate_generation(adapter: ModelAdapter, task: Task, batch_size: int, max_new_tokens: Optional[int], prepend_bos: Optional[bool], progress: bool) -> TaskScore:
+def _evaluate_generation(
+    adapter: ModelAdapter, task: Task, batch_size: int, max_new_tokens: Optional[int], prepend_bos: Optional[bool], progress: bool, *, use_cache: bool
+) -> TaskScore:
     losses: list[float] = []
-    for batch in answer_batches(adapter, task, batch_size, prepend_bos=prepend_bos):
-        losses.extend(answer_nll(adapter.forward(batch), batch).cpu().tolist())
+    if use_cache:
+        for start in range(0, len(task), batch_size):
+            chunk = task.examples[start : start + batch_size]
+            logprob_sums, n_tokens = option_logprob_sums(adapter, [e.prompt for e in chunk], [[e.target] for e in chunk], prepend_bos=prepend_bos)
+            losses.extend((-logprob_sums / n_tokens).tolist())
+    else:
+        for batch in answer_batches(adapter, task, batch_size, prepend_bos=prepend_bos):
+            losses.extend(answer_nll(adapter.forward(batch), batch).cpu().tolist())
     if max_new_tokens is None:
         max_new_tokens = max(len(adapter.tokenizer.encode(t, add_special_tokens=False)) for t in task.targets) + 2
     generations: list[str] = []
     for start in tqdm(range(0, len(task), batch_size), disable=not progress, desc=f"generate {task.name}", leave=False):
         chunk = task.examples[start : start + batch_size]
-        generations.extend(greedy_generate(adapter, [e.prompt for e in chunk], max_new_tokens, prepend_bos=prepend_bos))
+        generations.extend(greedy_generate(adapter, [e.prompt for e in chunk], max_new_tokens, prepend_bos=prepend_bos, use_cache=use_cache))
     scorer = exact_match if task.metric == "exact_match" else rouge_l
     per_example = [scorer(g, e.target) for g, e in zip(generations, task.examples)]
     return TaskScore(task.name, str(task.metric), sum(per_example) / len(per_example), sum(losses) / len(losses), len(task), None, per_example,
                      generations, losses)
 
 
-def greedy_generate(adapter: ModelAdapter, prompts: Sequence[str], max_new_tokens: int, *, prepend_bos: Optional[bool] = None) -> list[str]:
-    """Greedy continuations (stopping at a newline or EOS) through the adapter's padding-correct forward."""
-    tok = adapter.tokenizer
-    eos = getattr(tok, "eos_token_id", None)
-    batch = adapter.tokenize(prompts, padding_side="left", prepend_bos=prepend_bos)
-    new_tokens: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(max_new_tokens):
-        next_ids = adapter.forward(batch)[:, -1].argmax(-1).cpu()
-        for i, t in enumerate(next_ids.tolist()):
-            if done[i]:
-                continue
-            if t == eos or "\n" in tok.decode([t]):
-                done[i] = True
-            else:
-                new_tokens[i].append(t)
-        if all(done):
-            break
-        ones = torch.ones((len(prompts), 1), dtype=batch.attention_mask.dtype)
-        batch = TokenBatch(
-            torch.cat([batch.tokens, next_ids[:, None].to(batch.tokens.device)], 1),
-            torch.cat([batch.attention_mask, ones.to(batch.attention_mask.device)], 1),
-            torch.cat([batch.target_mask, torch.zeros_like(ones, dtype=torch.bool).to(batch.target_mask.device)], 1),
-            "left",
-        )
-    return [tok.decode(ids) for ids in new_tokens]
+def greedy_generate(
+    adapter: ModelAdapter, prompts: Sequence[str], max_new_tokens: int, *, prepend_bos: Optional[bool] = None, use_cache: bool = True
+) -> list[str]:
+    """Greedy continuations, stopping at a newline or EOS (see :func:`tl_taskmap.generation.greedy_token_ids`).
+
+    ``use_cache=True`` (default) decodes with a key/value cache; ``False`` re-runs the padded sequence per token.
+
+    Example:
+        >>> greedy_generate(as_adapter(model), ["The capital of France is"], 5)   # doctest: +SKIP
+        [' Paris']
+    """
+    adapter = as_adapter(adapter)
+    ids = greedy_token_ids(adapter, prompts, max_new_tokens, prepend_bos=prepend_bos, use_cache=use_cache)
+    return [adapter.tokenizer.decode(row) for row in ids]
 
 
 def exact_match(prediction: str, target: str) -> float:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_taskmap.evaluate import answer_nll
+from tl_taskmap.evaluate import answer_nll, answer_window_forward
 from tl_taskmap.models import as_adapter, parameter_fingerprint
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task
@@ -272,7 +272,8 @@ def finetune(
                 chosen, order = order[:batch_size], order[batch_size:]
                 examples = [task.examples[i] for i in chosen]
                 batch = adapter.tokenize([e.prompt for e in examples], [e.target for e in examples], prepend_bos=prepend_bos)
-                loss = answer_nll(adapter.forward(batch), batch).mean()
+                # Unembed only the answer columns: same loss and gradients, no [batch, pos, d_vocab] logits to keep for backward.
+                loss = answer_nll(*answer_window_forward(adapter, batch)).mean()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite training loss at step {step} on {task.name!r}: lower lr (now {lr})")
                 opt.zero_grad(set_to_none=True)
