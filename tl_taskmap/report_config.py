@@ -281,6 +281,6 @@ def load_suite(config: MapConfig, tasks: Any = None) -> tuple[Any, Any]:
         except task_spec.TaskSpecError as err:
             raise ConfigError(str(err)) from None
     _check(len(suite) >= 1, "a task map needs at least one task")
-    small = [f"{t.name} ({len(t)})" for t in suite if len(t) < 4]
-    _check(not small, f"tasks with fewer than 4 examples cannot be split into selection and evaluation halves: {small}")
+    small = [f"{t.name} ({len(t)})" for t in suite if len(t) < 8]
+    _check(not small, f"tasks need at least 8 examples (4 to select neurons, 4 to measure: debiased CKA needs 4); too few: {small}")
     return suite.subset(config.examples, seed=config.seed).split(0.5, seed=config.seed)
