@@ -223,6 +223,8 @@ def _check_task_spec(spec: str) -> None:
     if not path.exists():
         from tl_taskmap.suite import default_task_names
 
+        _check("/" not in spec and not path.suffix, f"task file {spec!r} does not exist (use hf:NAME for a datasets hub name)")
+
         _check(spec in default_task_names(), f"task {spec!r} is neither a file nor a built-in task; built-in tasks: "
                                              f"{default_task_names()} (use hf:NAME for a datasets hub name)")
         return
