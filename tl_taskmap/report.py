@@ -343,6 +343,11 @@ class ReportResult:
 
         return AblationMatrix.load(self.out / "ablation" / "matrix.json")
 
+    def _repr_html_(self) -> str:  # Jupyter: a compact table (and a small figure), see tl_taskmap.display
+        from tl_taskmap.display import report_result_html
+
+        return report_result_html(self)
+
     def __repr__(self) -> str:
         ran = [n for n, r in self.stages.items() if not r.get("cached")]
         return f"ReportResult({str(self.html)!r}, {len(self.figures)} figures, ran={ran}, {self.seconds:.0f} s)"

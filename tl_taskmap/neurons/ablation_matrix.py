@@ -172,6 +172,11 @@ class AblationMatrix:
         """Heat map of the delta table; see :func:`plot_ablation_matrix`."""
         return plot_ablation_matrix(self, ax=ax, **kwargs)
 
+    def _repr_html_(self) -> str:  # Jupyter: a compact table (and a small figure), see tl_taskmap.display
+        from tl_taskmap.display import ablation_html
+
+        return ablation_html(self)
+
     def __repr__(self) -> str:
         head = (
             f"AblationMatrix(mode={self.mode!r}, tasks={self.tasks}, sets={self.set_names}, seeds={len(self.seeds)}, "
