@@ -84,3 +84,41 @@ def test_html_table_truncates_long_tables():
 
     html = html_table(pd.DataFrame({"x": range(50)}), max_rows=10)
     assert html.count("<tr") == 11 and "40 more rows" in html
+
+
+def _luminance(rgba) -> float:
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def test_report_colour_maps_read_in_greyscale():
+    """Sequential maps (Jaccard: magma, similarity: viridis) rise in luminance; the diverging ablation map (RdBu)
+    darkens monotonically away from zero on both sides, so |change| reads as darkness and the printed sign gives the side."""
+    from matplotlib import colormaps
+
+    for name in ("magma", "viridis"):
+        lum = [_luminance(colormaps[name](x)) for x in np.linspace(0, 1, 33)]
+        assert all(b > a for a, b in zip(lum, lum[1:])), name
+    rdbu = [_luminance(colormaps["RdBu"](x)) for x in np.linspace(0, 1, 33)]
+    left, right = rdbu[:17], rdbu[16:]
+    assert all(b >= a - 1e-3 for a, b in zip(left, left[1:])) and all(b <= a + 1e-3 for a, b in zip(right, right[1:]))
+
+
+def test_ablation_figure_text_contrast_and_colour_bar_label_fit(results):
+    from tl_taskmap.neurons.ablation_matrix import plot_ablation_matrix
+    from tl_taskmap.plots import _new_axes
+
+    matrix = results["matrix"]
+    table = matrix.delta_table()
+    fig, (ax,) = _new_axes(None, (3.0 + 1.1 * table.shape[1], 2.0 + 0.5 * 2))  # the report's size for one task (2 rows)
+    plot_ablation_matrix(matrix, ax=ax)
+    image = ax.images[0]
+    for text in ax.texts:
+        cell = image.cmap(image.norm(float(text.get_text())))
+        assert text.get_color() == text_colour(cell)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    colour_bar = fig.axes[-1]
+    label = colour_bar.yaxis.label.get_window_extent(renderer)
+    assert page.x0 <= label.x0 and label.x1 <= page.x1 and page.y0 <= label.y0 and label.y1 <= page.y1

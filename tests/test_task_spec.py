@@ -7,6 +7,7 @@ Built-in tasks come from a toy asset cache (a BIG-bench-shaped archive and a VAD
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -186,6 +187,9 @@ def test_one_own_task_maps_end_to_end(tmp_path):
     assert "could not be drawn" not in page and "Figures that failed" not in page
     assert "This map has one task (topics)" in page and "12 of its 14 rows are used" in page
     assert any("one task" in n for n in result.left_out)
+    # the page's run time and the console's agree
+    stated = re.search(r"this run took (\d+) s before drawing this page", page).group(1)
+    assert any(re.search(rf"report: .* \({stated} s as stated in the page \+ \d+ s drawing it", m) for m in messages), messages[-1]
 
 
 @pytest.mark.slow

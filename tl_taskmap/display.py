@@ -24,6 +24,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from tl_taskmap.plots import text_colour
+
 __all__ = ["html_table", "figure_html", "text_colour", "activations_html", "layer_stats_html", "neuron_set_html",
            "relevance_html", "ablation_html", "report_result_html", "task_score_html"]
 
@@ -70,22 +72,6 @@ def figure_html(fig: Any, *, dpi: int = 80) -> str:
         pass
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return f"<img alt='figure' src='data:image/png;base64,{data}'>"
-
-
-def text_colour(rgba: Sequence[float]) -> str:
-    """``"black"`` or ``"white"``, whichever reads better on a cell of colour ``rgba`` (relative luminance, WCAG).
-
-    Example:
-        >>> text_colour((0.4, 0.0, 0.1, 1.0)), text_colour((1.0, 1.0, 0.9, 1.0))
-        ('white', 'black')
-    """
-    def linear(c: float) -> float:
-        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
-
-    r, g, b = (linear(float(c)) for c in rgba[:3])
-    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
-    # contrast with white (1.05 / (L + 0.05)) vs with black ((L + 0.05) / 0.05): equal at L ≈ 0.179
-    return "white" if luminance < 0.179 else "black"
 
 
 def _layout(*parts: str) -> str:

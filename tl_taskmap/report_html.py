@@ -310,7 +310,7 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
         f"<h1>Task map of {_esc(model_name)}</h1>"
         f"<p>{len(selection)} tasks ({_esc(', '.join(selection.names))}), {config.examples} examples each, top-k = {config.k:g}, "
         f"{config.seeds} random seeds, {_esc(config.device)}/{_esc(config.dtype)}. Computing the stages took "
-        f"{sum(r['seconds'] for r in stages.values()):.0f} s; this run took {seconds:.0f} s"
+        f"{sum(r['seconds'] for r in stages.values()):.0f} s; this run took {seconds:.0f} s before drawing this page"
         + (f" (model loading {model_seconds:.0f} s)" if model_seconds else "")
         + (f", reusing {sum(bool(r.get('cached')) for r in stages.values())} finished stages" if any(r.get("cached") for r in stages.values()) else "")
         + ".</p>"

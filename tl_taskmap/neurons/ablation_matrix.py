@@ -380,9 +380,12 @@ def plot_ablation_matrix(matrix: AblationMatrix, ax: Any = None, *, value: str =
     if matrix.seeds and matrix.set_names:
         ax.axhline(len(matrix.set_names) - 0.5, color="black", linewidth=1)
     if annotate and values.size <= 400:
+        from tl_taskmap.plots import text_colour
+
         for (i, j), v in np.ndenumerate(values):
-            if np.isfinite(v):
-                ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=8)
+            if np.isfinite(v):  # white on dark cells, black on light ones (also readable printed in greyscale)
+                ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=8, color=text_colour(image.cmap(image.norm(v))))
     label = {"delta": "metric change", "loss_delta": "loss change"}.get(value, value)
-    ax.figure.colorbar(image, ax=ax, label=f"{label} (ablated − baseline), mode={matrix.mode}")
+    ax.set_title(f"ablation mode: {matrix.mode}", fontsize="medium")
+    ax.figure.colorbar(image, ax=ax, label=f"{label}\n(ablated − baseline)")  # two short lines: never clipped
     return ax
