@@ -202,3 +202,10 @@ def test_mixed_spec_maps_end_to_end(tmp_path, toy_builtins):
     assert list(baseline["task"]) == ["toy_choice", "word_sentiment", "topics"]
     assert set(result.figures) >= {"jaccard", "overlap_sweep", "ablation_matrix"}
     assert "Figures that failed" not in result.html.read_text()
+
+
+def test_builtin_table_without_assets_leaves_sizes_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TL_TASKMAP_CACHE", str(tmp_path / "empty"))
+    table = builtin_table()
+    assert table["size"].isna().all() and table["zero_shot"].notna().all()
+    assert list(table["name"]) == [s.name for s in suite_module.DEFAULT_TASKS]
