@@ -46,6 +46,21 @@ class TutorialSetup:
         return seconds
 
 
+def _inline_figures() -> None:
+    """In a Jupyter kernel, show returned matplotlib figures inline (``%matplotlib inline``) even before pyplot is imported.
+
+    :mod:`tl_taskmap.plots` draws on Agg figures without pyplot; IPython shows a returned ``Figure`` as an image only
+    once the inline backend has registered its formatter, which otherwise happens on the first ``import matplotlib.pyplot``.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and "IPKernelApp" in shell.config:
+        shell.run_line_magic("matplotlib", "inline")
+
+
 def setup(names: Sequence[str], *, max_examples: int = 16, seed: int = 0, show: bool = True) -> TutorialSetup:
     """Load the embedded model and the named built-in tasks, split each in half; print what was loaded.
 
@@ -70,6 +85,7 @@ def setup(names: Sequence[str], *, max_examples: int = 16, seed: int = 0, show: 
     from tl_taskmap.embedded import load_default_model
     from tl_taskmap.suite import default_suite
 
+    _inline_figures()
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = load_default_model()  # SmolLM2-135M-Instruct as a TransformerBridge, offline (converted once, then cached)
