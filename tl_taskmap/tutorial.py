@@ -71,16 +71,7 @@ def setup(names: Sequence[str], *, max_examples: int = 16, seed: int = 0, show: 
         >>> len(tut.selection[0]), len(tut.evaluation[0])                               # doctest: +SKIP
         (6, 6)
     """
-    import warnings
-
     import torch
-    from tqdm import TqdmWarning
-
-    with warnings.catch_warnings():
-        # Without ipywidgets (the `notebook` extra) tqdm.auto warns "IProgress not found" once and uses text bars,
-        # which render in notebooks too; with it, bars are widgets. Either way, no warning in the tutorial's output.
-        warnings.simplefilter("ignore", TqdmWarning)
-        import tqdm.auto  # noqa: F401 - imported first, under the filter
 
     from tl_taskmap.embedded import load_default_model
     from tl_taskmap.suite import default_suite
