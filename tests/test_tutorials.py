@@ -88,3 +88,12 @@ def test_tutorial_executes(path, kernel_name, tmp_path):
     print(f"{path.name}: {time.perf_counter() - start:.0f} s")
     errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.get("output_type") == "error"]
     assert not errors
+
+
+@pytest.mark.slow
+def test_importing_tl_taskmap_in_a_kernel_shows_no_tqdm_warning(kernel_name, tmp_path):
+    """Without ipywidgets, tqdm.auto warns "IProgress not found" in Jupyter; tl_taskmap keeps it out of the cell."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import tl_taskmap\nfrom tqdm.auto import tqdm\nprint('ok')")])
+    nbclient.NotebookClient(nb, kernel_name=kernel_name, timeout=3600, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "".join(str(o.get("text", "")) for o in nb.cells[0].outputs)
+    assert "ok" in text and "IProgress" not in text, text
