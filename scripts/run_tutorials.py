@@ -3,7 +3,7 @@
 Each notebook runs top to bottom in a fresh kernel of *this* interpreter, in a temporary working folder
 (files the notebooks write land there, not in the repository). Outputs are saved into the notebook;
 execution timestamps are not, so re-running changes only what the notebook printed. The first cell's
-``*Run time: ...*`` line is rewritten with the measured time and this machine's core count.
+``*Run time: ...*`` line is rewritten (or added) with the measured time and this machine's core count.
 
 Needs the embedded model and tasks (``python -m tl_taskmap.setup_assets``) and ``nbclient``,
 ``nbformat``, ``ipykernel`` (the ``test`` extra). Stops at the first failing notebook (exit status 1)
@@ -61,8 +61,9 @@ def execute(path: Path, kernel_name: str, cell_timeout: int) -> float:
         client.execute()
         seconds = time.perf_counter() - start
     first = nb.cells[0]
-    if first.cell_type == "markdown" and RUN_TIME.search(first.source):
-        first.source = RUN_TIME.sub(run_time_line(seconds, os.cpu_count() or 1), first.source)
+    if first.cell_type == "markdown":  # the title cell states the run time (added when missing)
+        line = run_time_line(seconds, os.cpu_count() or 1)
+        first.source = RUN_TIME.sub(line, first.source) if RUN_TIME.search(first.source) else f"{first.source.rstrip()}\n\n{line}"
     tmp = path.with_name(f".{path.name}.tmp")
     nbformat.write(nb, tmp)
     os.replace(tmp, path)  # atomic: an interrupted run never leaves half a notebook
