@@ -181,7 +181,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     done = subprocess.run(
         [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", f"--screenshot={shot}", "--window-size=1200,3000", report.html.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=1800)  # a hang guard only
     assert shot.is_file() and shot.read_bytes().startswith(PNG_MAGIC), done.stderr[-2000:]
     assert shot.stat().st_size > 20_000  # a rendered page with figures, not a blank one
 
@@ -196,7 +196,7 @@ def test_cli_maps_the_real_default_model(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "tl_taskmap", "map", "--out", str(out), "--task-names", *names, "--examples", "8", "--seeds", "1",
          "--train-controls", "1", "--control-steps", "1", "--quiet"],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=4 * 3600)  # a hang guard only: a loaded machine can be 10x slower
     assert done.returncode == 0, done.stderr[-3000:]
     assert Path(done.stdout.strip().splitlines()[-1]) == out / "report.html"
     baseline = pd.read_csv(out / "baseline.csv")
@@ -231,7 +231,7 @@ def test_torchrun_two_ranks_write_the_single_process_report(tmp_path, one_thread
                                "--threads", "1"], cwd=tmp_path, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
-        outputs = [p.communicate(timeout=600) for p in procs]
+        outputs = [p.communicate(timeout=3600) for p in procs]  # a hang guard only
     finally:
         for p in procs:
             if p.poll() is None:

@@ -8,6 +8,14 @@ Submodules hold the rest: :mod:`tl_taskmap.models` (the adapter), :mod:`tl_taskm
 :mod:`tl_taskmap.stats`, :mod:`tl_taskmap.neurons`, :mod:`tl_taskmap.evaluate`, :mod:`tl_taskmap.tasks`.
 """
 
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # tqdm.auto warns "IProgress not found" in Jupyter without ipywidgets (the `notebook` extra) and falls back to
+    # text bars, which render in notebooks too; importing it first here keeps that warning out of users' cells.
+    _warnings.filterwarnings("ignore", message="IProgress not found")
+    import tqdm.auto as _tqdm_auto  # noqa: F401
+
 from tl_taskmap.capture import Activations, capture
 from tl_taskmap.embedded import load_default_model, load_model
 from tl_taskmap.evaluate import evaluate_suite, evaluate_task

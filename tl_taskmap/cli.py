@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser(
         "map", formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS,
         help="run the task map and write an HTML report",
-        description="Evaluate the model on each task, find each task's neurons (grad x activation relevance, top-k%%), "
+        description="Evaluate the model on each task, find each task's neurons (grad x activation relevance, top-k%), "
                     "their overlap and parameter similarity, the layer map (CKA to per-task control models, sections, "
                     "dims for 99% variance, cross-task similarity) and the ablation matrix with random baselines; write "
                     "report.html, PNG figures, JSON/CSV/safetensors results and config.json to --out. Re-running with the "
@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n  tl-taskmap map --out taskmap-report\n"
                "  tl-taskmap map --model ./hf-folder --tasks a.jsonl b.csv --template 'Q: {question}\\nA:' "
                "--target-template ' {answer}'\n"
-               "  tl-taskmap map --config taskmap-report/config.json --k 0.05   # re-run: only neuron and ablation stages recompute")
+               "  tl-taskmap map --tasks tasks.yaml            # a YAML/JSON spec mixing built-in and own tasks (see README)\n"
+               "  tl-taskmap map --task-names word_sentiment --tasks mine.jsonl --template 'Text: {text}\\nLabel:'\n"
+               "  tl-taskmap map --config taskmap-report/config.json --k 0.05   # re-run: only neuron and ablation stages recompute\n"
+               "  tl-taskmap tasks                              # the built-in tasks: cluster, metric, size, chance, zero-shot score")
     g = m.add_argument_group("output")
     g.add_argument("-o", "--out", metavar="DIR", help=_help("output folder", "out"))
     g.add_argument("--config", metavar="FILE", help="start from a config.json of an earlier run; other options override it")
@@ -114,9 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's choice; 1 can be much faster on a busy machine)")
     g = m.add_argument_group("tasks")
     g.add_argument("--tasks", action="extend", nargs="+", metavar="SPEC",
-                   help="task files (.json/.jsonl/.csv/.parquet, or a BIG-bench task.json / folder) or hf:NAME "
-                        "for a datasets hub name (needs internet) (default: the built-in offline suite)")
-    g.add_argument("--task-names", action="extend", nargs="+", metavar="NAME", help="tasks of the built-in suite to map")
+                   help="a YAML/JSON task spec (each task with its own source, template, options, cluster, metric), task files "
+                        "(.json/.jsonl/.csv/.parquet, or a BIG-bench task.json / folder), built-in task names, bigbench:NAME, or "
+                        "hf:NAME for a datasets hub name (needs internet); mixes with --task-names "
+                        "(default: the built-in offline suite)")
+    g.add_argument("--task-names", action="extend", nargs="+", metavar="NAME",
+                   help="tasks of the built-in suite to map, added before --tasks (`tl-taskmap tasks` lists them)")
     g.add_argument("--template", type=_template, metavar="TEMPLATE",
                    help=_help("prompt template of task files, with {column} placeholders, e.g. 'Review: {text}\\nSentiment:'", "template"))
     g.add_argument("--target-template", type=_template, metavar="TEMPLATE",
@@ -125,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer options shared by every row (multiple choice), e.g. ' negative' ' positive'")
     g.add_argument("--options-field", type=_optional, metavar="COLUMN", help="column holding each row's answer options")
     g.add_argument("--split", metavar="SPLIT", help=_help("split of hf: tasks", "split"))
-    g.add_argument("--examples", type=int, metavar="N", help=_help("examples per task: half select neurons, half measure", "examples"))
+    g.add_argument("--examples", type=int, metavar="N",
+                   help=_help("examples per task (a seeded sample; the run says which tasks have more): half select neurons, "
+                              "half measure", "examples"))
     g = m.add_argument_group("analysis")
     g.add_argument("--sites", action="extend", nargs="+", metavar="SITE",
                    help=_help("sites of the layer map (resid_post, resid_mid, mlp_out, attn_out, mlp_post, ...)", "sites"))
@@ -138,7 +146,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, metavar="N", help=_help("seed of splits, sampling and training", "seed"))
     g.add_argument("--selection", nargs="*", choices=SELECTION_METHODS, metavar="METHOD",
                    help=_help(f"selection methods to compare side by side ({', '.join(SELECTION_METHODS)}); none: skip", "selection"))
+    t = sub.add_parser("tasks", help="list the built-in tasks (cluster, metric, size, chance, zero-shot score)",
+                       description="List the built-in tasks: cluster, metric, number of examples in the source, chance "
+                                   "accuracy and the embedded SmolLM2-135M-Instruct's measured zero-shot score (64 examples, "
+                                   "seed 0; python -m tl_taskmap.zero_shot re-measures it). Sizes need the cached assets.")
+    t.add_argument("--no-sizes", dest="sizes", action="store_false", help="skip reading the task files for their sizes")
+    t.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     return parser
+
+
+def list_tasks(sizes: bool = True, as_json: bool = False) -> int:
+    """``tl-taskmap tasks``: print the built-in tasks.
+
+    Example:
+        >>> list_tasks(sizes=False)   # doctest: +SKIP
+        0
+    """
+    import pandas as pd
+
+    from tl_taskmap.task_spec import builtin_table
+
+    table = builtin_table(sizes=sizes)
+    if as_json:
+        print(table.to_json(orient="records", indent=1))
+        return 0
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.to_string(index=False, na_rep="–"))
+    print("\nzero_shot: the embedded model's score (accuracy, or exact match for generation) on 64 examples; chance: "
+          "guessing among the options. Map some with: tl-taskmap map --task-names NAME ... (and --tasks for your own).")
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> MapConfig:
@@ -170,6 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "tasks":
+        return list_tasks(args.sizes, args.json)
     if args.command != "map":
         parser.print_help()
         return 2
@@ -183,6 +221,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(config.to_dict(), indent=1))
             for sel, ev in zip(selection, evaluation):
                 print(f"task {sel.name!r} ({sel.cluster}, {sel.metric}): {len(sel)} selection + {len(ev)} evaluation examples")
+            from tl_taskmap.task_spec import row_notes
+
+            for note in row_notes(selection, evaluation, config.examples):
+                print(f"note: {note}")
             return 0
     except ConfigError as err:
         return user_error(err, debug)

@@ -147,6 +147,11 @@ class TaskScore:
     losses: list[float] = field(default_factory=list, repr=False)
     option_scores: list[list[float]] = field(default_factory=list, repr=False)
 
+    def _repr_html_(self) -> str:  # Jupyter: a compact table (and a small figure), see tl_taskmap.display
+        from tl_taskmap.display import task_score_html
+
+        return task_score_html(self)
+
     def __repr__(self) -> str:
         chance = f", chance={self.chance:.3f}" if self.chance is not None else ""
         return f"TaskScore({self.task!r}: {self.metric}={self.metric_value:.3f}, loss={self.loss:.3f}, n={self.n}{chance})"

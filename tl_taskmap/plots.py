@@ -44,6 +44,22 @@ def _colours(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def text_colour(rgba: Sequence[float]) -> str:
+    """``"black"`` or ``"white"``, whichever reads better on a cell of colour ``rgba`` (relative luminance, WCAG).
+
+    Example:
+        >>> text_colour((0.4, 0.0, 0.1, 1.0)), text_colour((1.0, 1.0, 0.9, 1.0))
+        ('white', 'black')
+    """
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(float(c)) for c in rgba[:3])
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    # contrast with white (1.05 / (L + 0.05)) vs with black ((L + 0.05) / 0.05): equal at L ≈ 0.179
+    return "white" if luminance < 0.179 else "black"
+
+
 def _pair_label(pair: Union[tuple[str, str], str]) -> str:
     return pair if isinstance(pair, str) else f"{pair[0]} vs {pair[1]}"
 
@@ -279,7 +295,7 @@ def plot_jaccard_matrix(table: pd.DataFrame, *, ax: Any = None, title: str = "Ja
     ax.set_yticks(np.arange(n), [str(t) for t in table.index])
     if n <= 15:
         for (i, j), value in np.ndenumerate(values):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=text_colour(image.cmap(image.norm(value))))
     ax.set_title(title)
     fig.colorbar(image, ax=ax, shrink=0.8)
     return fig

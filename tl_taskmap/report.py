@@ -91,6 +91,10 @@ class _Run:
         self.sharded = distributed.world_size() > 1
         self.write_root = self.out if distributed.is_main_process() else Path(tempfile.mkdtemp(prefix=f"tl_taskmap_rank{distributed.rank()}_"))
         self.selection, self.evaluation = load_suite(config, tasks)
+        from tl_taskmap.task_spec import row_notes
+
+        for note in row_notes(self.selection, self.evaluation, config.examples):  # --examples never drops rows silently
+            log(f"[tasks] {note}")
         self.model_seconds = 0.0
 
     def _load(self, source: Optional[str], what: str) -> Any:
@@ -215,14 +219,18 @@ def _neurons(run: _Run) -> tuple[list[str], dict]:
     for name, neurons in sets.items():
         neurons.save(run.path("neurons", f"{safe_name(name)}.json"))
         files.append(f"neurons/{safe_name(name)}.json")
-    tables = {
-        "jaccard.csv": jaccard_matrix(sets),
-        "jaccard_per_layer.csv": jaccard_matrix(sets, per_layer=True),
-        "overlap_sweep.csv": overlap_sweep({n: r.scores for n, r in rels.items()}, per_layer=run.config.per_layer),
-        "parameter_similarity.csv": parameter_similarity_matrix(run.model, sets),
-    }
+    tables = {"jaccard.csv": jaccard_matrix(sets)}
+    if len(names) > 1:  # overlap and similarity compare task pairs; a one-task map has none (the report says so)
+        tables.update({
+            "jaccard_per_layer.csv": jaccard_matrix(sets, per_layer=True),
+            "overlap_sweep.csv": overlap_sweep({n: r.scores for n, r in rels.items()}, per_layer=run.config.per_layer),
+            "parameter_similarity.csv": parameter_similarity_matrix(run.model, sets),
+        })
     for file_name, table in tables.items():
-        table.to_csv(run.path("neurons", file_name), index=file_name == "jaccard.csv")
+        if file_name == "jaccard.csv":
+            table.to_csv(run.path("neurons", file_name), index_label="task")
+        else:
+            table.to_csv(run.path("neurons", file_name), index=False)
         files.append(f"neurons/{file_name}")
     return files, {"n_neurons": {n: len(s) for n, s in sets.items()}}
 
@@ -276,10 +284,20 @@ def _layers(run: _Run) -> tuple[list[str], dict]:
         warnings.filterwarnings("ignore", message=r"biased CKA with n=\d+ examples .* is inflated")
         stats = compare(run.models(), run.evaluation, control_models=controls or None, sites=run.config.sites,
                         reduce=run.config.reduce, batch_size=run.config.batch_size, progress=run.progress)
-        stats.to_dataframe().to_csv(run.path("layers", "layer_stats.csv"), index=False)
+        _layer_table(stats).to_csv(run.path("layers", "layer_stats.csv"), index=False)
     stats.save(run.folder("layers", "stats"))
     run.path("layers", "controls.json").write_text(json.dumps(records, indent=1, default=str))
     return ["layers/stats", "layers/layer_stats.csv", "layers/controls.json"], {"control_tasks": sorted(controls)}
+
+
+def _layer_table(stats: Any) -> Any:
+    """``stats.to_dataframe()`` with every row naming its model: CKA rows ``model`` = the pair's first, ``compared_with`` = its second."""
+    frame = stats.to_dataframe()
+    pairs = frame["model_pair"].fillna("").str.split(" vs ", n=1, expand=True).reindex(columns=[0, 1])
+    is_pair = frame["model_pair"].notna()
+    frame.loc[is_pair, "model"] = pairs.loc[is_pair, 0]
+    frame.insert(frame.columns.get_loc("model") + 1, "compared_with", pairs[1].where(is_pair))
+    return frame
 
 
 def _ablation(run: _Run) -> tuple[list[str], dict]:
@@ -367,6 +385,11 @@ class ReportResult:
 
         return AblationMatrix.load(self.out / "ablation" / "matrix.json")
 
+    def _repr_html_(self) -> str:  # Jupyter: a compact table (and a small figure), see tl_taskmap.display
+        from tl_taskmap.display import report_result_html
+
+        return report_result_html(self)
+
     def __repr__(self) -> str:
         ran = [n for n, r in self.stages.items() if not r.get("cached")]
         return f"ReportResult({str(self.html)!r}, {len(self.figures)} figures, ran={ran}, {self.seconds:.0f} s)"
@@ -453,17 +476,20 @@ def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], 
     stages["selection"] = store.run("selection", inputs["selection"], lambda: _selection(run), log)
 
     from tl_taskmap.report_html import left_out, write_report
+    from tl_taskmap.task_spec import row_notes
 
-    notes = left_out(config, run.selection, stages["layers"].get("control_tasks", []))
+    notes = row_notes(run.selection, run.evaluation, config.examples) + left_out(config, run.selection, stages["layers"].get("control_tasks", []))
     log("[report] writing figures and report.html")
     html, figures = run.out / "report.html", {}
+    computed = time.perf_counter() - start  # the page states this time; drawing the page comes after it
     if distributed.is_main_process():
         html, figures = write_report(run.out, config, run.selection, run.evaluation, stages, notes,
-                                     seconds=time.perf_counter() - start, model_seconds=run.model_seconds)
+                                     seconds=computed, model_seconds=run.model_seconds)
         write_json_atomic(run.out / "config.json", config.to_dict())  # describes report.html: written with it, at the end
     distributed.barrier()
     if run.write_root != run.out:
         shutil.rmtree(run.write_root, ignore_errors=True)
     seconds = time.perf_counter() - start
-    log(f"report: {html} ({seconds:.0f} s; stages run: {[n for n, r in stages.items() if not r['cached']] or 'none'})")
+    log(f"report: {html} ({computed:.0f} s as stated in the page + {seconds - computed:.0f} s drawing it; "
+        f"stages run: {[n for n, r in stages.items() if not r['cached']] or 'none'})")
     return ReportResult(run.out, html, config, stages, figures, seconds, notes)

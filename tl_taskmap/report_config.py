@@ -271,10 +271,19 @@ def _check_task_spec(spec: str) -> None:
     if spec.startswith("hf:"):
         _check(_HUB_NAME.match(spec[3:]) is not None, f"task {spec!r}: write a datasets hub name as hf:NAME, e.g. hf:stanfordnlp/imdb")
         return
+    if spec.startswith(("builtin:", "bigbench:")):  # names are checked when the tasks load (before any model)
+        return
     path = Path(spec).expanduser()
-    _check(path.exists(), f"task file {spec!r} does not exist (use hf:NAME for a datasets hub name)")
-    _check(path.is_dir() and (path / "task.json").is_file() or path.suffix in TASK_FILE_SUFFIXES,
-           f"task file {spec!r}: expected one of {TASK_FILE_SUFFIXES} or a BIG-bench folder with task.json")
+    if not path.exists():
+        from tl_taskmap.suite import default_task_names
+
+        _check("/" not in spec and not path.suffix, f"task file {spec!r} does not exist (use hf:NAME for a datasets hub name)")
+
+        _check(spec in default_task_names(), f"task {spec!r} is neither a file nor a built-in task; built-in tasks: "
+                                             f"{default_task_names()} (use hf:NAME for a datasets hub name)")
+        return
+    _check(path.is_dir() and (path / "task.json").is_file() or path.suffix in TASK_FILE_SUFFIXES + (".yaml", ".yml"),
+           f"task file {spec!r}: expected one of {TASK_FILE_SUFFIXES}, a .yaml/.json task spec or a BIG-bench folder with task.json")
 
 
 # ---------------------------------------------------------------------------------------- tasks
@@ -287,84 +296,50 @@ def _check_task_spec(spec: str) -> None:
 DEFAULT_TASKS: tuple[str, ...] = ("word_sentiment", "phrase_relatedness", "past_tense")
 
 
-def _load_task_spec(spec: str, config: MapConfig) -> Any:
-    try:
-        from tl_taskmap.task_checks import quiet_datasets, validate_task_spec_result
-
-        with quiet_datasets():
-            return validate_task_spec_result(_read_task_spec(spec, config), spec)
-    except ConfigError:
-        raise
-    except Exception as err:  # one wrapper for every loader: name the file and the problem; --debug shows the cause
-        cause = err.__cause__ or err.__context__
-        detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-        if cause is not None and str(cause) and str(cause) not in detail:
-            detail += f" ({type(cause).__name__}: {str(cause)[:200]})"
-        raise ConfigError(f"task {spec!r} cannot be loaded: {detail}; check that the file is complete and in its format "
-                          f"(json/jsonl/csv/parquet, or a BIG-bench task.json); --debug shows the traceback") from err
-
-
-def _read_task_spec(spec: str, config: MapConfig) -> Any:
-    from tl_taskmap.suite import load_dataset_task
-
-    file = Path(spec).expanduser()
-    if file.is_file() and file.stat().st_size == 0:
-        raise ConfigError(f"task file {spec!r} is empty; give it one example per row (jsonl) or a BIG-bench 'examples' list")
-    if spec.startswith("hf:"):
-        from tl_taskmap.task_checks import hub_unavailable
-
-        why = hub_unavailable()
-        if why is not None:
-            raise ConfigError(f"task {spec!r} needs the Hugging Face hub, but {why}; download the data set and pass it as a "
-                              f"local .jsonl/.csv/.parquet file instead")
-    path = Path(spec).expanduser()
-    if not spec.startswith("hf:") and (path.name == "task.json" or (path / "task.json").is_file()):
-        from tl_taskmap.bigbench import QA_TEMPLATE, load_bigbench_task
-
-        return load_bigbench_task(path, template=QA_TEMPLATE if config.template == "{input}" else config.template)
-    fields = {"prompt": config.template, "target": config.target_template, "options": config.options_field or config.options or None,
-              "max_examples": config.examples, "seed": config.seed}
-    try:
-        if spec.startswith("hf:"):
-            return load_dataset_task(spec[3:], name=spec[3:].rsplit("/", 1)[-1], split=config.split, **fields)
-        return load_dataset_task(str(path), **fields)
-    except (ValueError, KeyError) as err:  # a template naming a missing column, a bad target, ...
-        raise ConfigError(f"task {spec!r}: {err}") from err
-
-
 def load_suite(config: MapConfig, tasks: Any = None) -> tuple[Any, Any]:
     """The configured tasks as ``(selection, evaluation)`` suites: ``examples`` per task, split in half.
 
     ``tasks`` (a Task list or TaskSuite built in Python) replaces ``config.tasks`` and the built-in suite.
 
-    Raises :class:`ConfigError` (before any model is loaded) for unknown task names, fewer than two
-    tasks, or tasks with fewer than 4 examples.
+    ``config.task_names`` (built-in) and ``config.tasks`` (files, built-in names, ``hf:`` names and YAML/JSON
+    task specs, see :mod:`tl_taskmap.task_spec`) mix; with neither, :data:`DEFAULT_TASKS`. One task is enough
+    (the report then leaves out the comparisons between tasks). ``task.meta["rows_available"]`` keeps each
+    source's row count so the run can say how many rows ``examples`` left out.
+
+    Raises :class:`ConfigError` (before any model is loaded) for unknown task names (listing the
+    available ones), unreadable specs, or tasks with fewer than 4 examples.
 
     Example:
         >>> selection, evaluation = load_suite(MapConfig(examples=16))   # doctest: +SKIP
         >>> len(selection[0]), len(evaluation[0])                        # doctest: +SKIP
         (8, 8)
     """
-    from tl_taskmap.tasks import TaskSuite
+    from tl_taskmap import task_spec
 
     if tasks is not None:
         from tl_taskmap.tasks import as_suite
 
         suite = as_suite(tasks)
-    elif config.tasks:
-        suite = TaskSuite([_load_task_spec(spec, config) for spec in config.tasks])
     else:
-        from tl_taskmap.suite import default_suite, default_task_names
+        try:
+            if config.tasks or config.task_names:
+                entries = task_spec.entries_from_config(config.tasks, config.task_names)
+            else:
+                from tl_taskmap.suite import default_task_names
 
-        available = default_task_names()
-        names = list(config.task_names) or [n for n in DEFAULT_TASKS if n in available] or available
-        unknown = [n for n in names if n not in available]
-        _check(not unknown, f"unknown task names {unknown}; the built-in suite has {available}")
-        suite = default_suite(max_examples=config.examples, seed=config.seed, names=names).select(names)
+                available = default_task_names()
+                names = [n for n in DEFAULT_TASKS if n in available] or available
+                entries = [task_spec.TaskEntry("builtin", n) for n in names]
+            defaults = task_spec.Defaults(template=config.template, target_template=config.target_template, options=tuple(config.options),
+                                          options_field=config.options_field, split=config.split, seed=config.seed,
+                                          max_examples=config.examples)
+            suite = task_spec.load_entries(entries, defaults)
+        except task_spec.TaskSpecError as err:
+            raise ConfigError(str(err)) from None
     from tl_taskmap.task_checks import check_suite, split_suite
 
     suite = check_suite(suite)
-    _check(len(suite) >= 2, f"a task map needs at least two tasks (overlap and ablation compare tasks), got {suite.names}")
-    small = [f"{t.name} ({len(t)})" for t in suite if len(t) < 4]
-    _check(not small, f"tasks with fewer than 4 examples cannot be split into selection and evaluation halves: {small}")
+    _check(len(suite) >= 1, "a task map needs at least one task")
+    small = [f"{t.name} ({len(t)})" for t in suite if len(t) < 8]
+    _check(not small, f"tasks need at least 8 examples (4 to select neurons, 4 to measure: debiased CKA needs 4); too few: {small}")
     return split_suite(suite.subset(config.examples, seed=config.seed), config.seed)

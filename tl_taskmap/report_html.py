@@ -135,7 +135,7 @@ def _layers_section(fig: _Figures, stats: Any, has_second: bool, controls: list[
                                      "representations, per layer (mean over tasks; band: min–max). It cannot exceed the "
                                      "number of evaluation examples minus one.", lambda: plots.plot_dims_for_99(stats)))
     layers = list(stats.meta.get("embedding_layers", []))
-    if layers:
+    if layers and len(stats.tasks) > 1:  # one task has no other to be similar to
         parts.append(fig.html("task_similarity", "Task × task cosine similarity of mean task representations (centred on the "
                                                  f"mean over tasks) at layers {layers}: which tasks the model represents alike.",
                               lambda: _similarity_panels(stats, layers)))
@@ -173,20 +173,24 @@ def _neurons_section(fig: _Figures, out: Path, k: float, per_layer: bool) -> str
     jaccard = pd.read_csv(out / "neurons" / "jaccard.csv", index_col=0)
     layer_overlap, sweep = _read(out / "neurons" / "jaccard_per_layer.csv"), _read(out / "neurons" / "overlap_sweep.csv")
     params = _read(out / "neurons" / "parameter_similarity.csv")
+    pairs_html = (
+        fig.html("jaccard", f"Jaccard overlap |A∩B|/|A∪B| of the tasks' top-{k:.0%} sets. Two random sets of this size "
+                            f"overlap by {plots.random_jaccard(k):.3f} on average.", lambda: plots.plot_jaccard_matrix(jaccard))
+        + fig.html("overlap_by_layer", "Overlap per layer, mean over task pairs, against random sets.",
+                 lambda: plots.plot_overlap_by_layer(layer_overlap, k))
+        + fig.html("overlap_sweep", "Overlap as the selected fraction grows (the paper's Table 8 sweep); at 100% every set is "
+                                    "the whole model.", lambda: plots.plot_overlap_sweep(sweep))
+        + fig.html("parameter_similarity", "Cosine similarity of the task sets' neuron parameters within the model, per layer "
+                                           "(masked reading: weight-norm-weighted overlap).",
+                   lambda: plots.plot_parameter_similarity(params))
+    ) if len(jaccard) > 1 else ("<p class='note'>One task: overlap between task neuron sets and their parameter similarity "
+                                "compare pairs of tasks, so they are absent; add a task to see them.</p>")
     return ("<h2 id='neurons'>Task neurons</h2><p>Relevance of MLP neuron <i>j</i> in layer <i>l</i> for a task is "
             "Σ|∂L/∂a·a| over the selection examples' answer tokens (a first-order estimate of the loss change from zeroing it, "
             f"Leng &amp; Xiong 2024); each task's set is its top {k:.0%} neurons"
             f"{' in every layer' if per_layer else ' over the whole model'}.</p>"
             + fig.html("relevance_by_layer", "Share of each task's total relevance per layer.", lambda: plots.plot_relevance_by_layer(rel))
-            + fig.html("jaccard", f"Jaccard overlap |A∩B|/|A∪B| of the tasks' top-{k:.0%} sets. Two random sets of this size "
-                                  f"overlap by {plots.random_jaccard(k):.3f} on average.", lambda: plots.plot_jaccard_matrix(jaccard))
-            + fig.html("overlap_by_layer", "Overlap per layer, mean over task pairs, against random sets.",
-                       lambda: plots.plot_overlap_by_layer(layer_overlap, k))
-            + fig.html("overlap_sweep", "Overlap as the selected fraction grows (the paper's Table 8 sweep); at 100% every set is "
-                                        "the whole model.", lambda: plots.plot_overlap_sweep(sweep))
-            + fig.html("parameter_similarity", "Cosine similarity of the task sets' neuron parameters within the model, per layer "
-                                               "(masked reading: weight-norm-weighted overlap).",
-                       lambda: plots.plot_parameter_similarity(params)))
+            + pairs_html)
 
 
 def _ablation_section(fig: _Figures, matrix: Any, spec: pd.DataFrame, per_layer: bool) -> str:
@@ -344,6 +348,12 @@ def left_out(config: Any, selection: Any, control_tasks: Sequence[str]) -> list[
                      f"{trained}) on {config.examples // 2} examples, far from the paper's 3-epoch LoRA controls: their CKA "
                      "curves show where a few steps of training on one task move the representations, not what a converged "
                      "single-task model looks like.")
+    if len(selection) == 1:
+        notes.append(f"This map has one task ({selection.names[0]}): the comparisons between tasks — neuron-set overlap, parameter "
+                     "similarity, cross-task similarity of representations and the ablation matrix's other-task rows and columns "
+                     "(and so the 'own vs other tasks' neurons' specificity) — need at least two tasks and are absent. Relevance, "
+                     "the task's neurons against random sets, ablation against random sets and the layer map against "
+                     "control models are complete.")
     notes.append("The paper's experimental model E (fine-tuned on all tasks together) is not trained here: the given model stands in for E.")
     notes.append("Neuron-restricted fine-tuning and NCFT continual learning are not part of the report (they train several "
                  "models); tutorial 04 runs them.")
@@ -381,7 +391,7 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
         f"<h1>Task map of {_esc(model_name)}</h1>"
         f"<p>{len(selection)} tasks ({_esc(', '.join(selection.names))}), {config.examples} examples each, top-k = {config.k:g}, "
         f"{config.seeds} random seeds, {_esc(config.device)}/{_esc(config.dtype)}. Computing the stages took "
-        f"{sum(r['seconds'] for r in stages.values()):.0f} s; this run took {seconds:.0f} s"
+        f"{sum(r['seconds'] for r in stages.values()):.0f} s; this run took {seconds:.0f} s before drawing this page"
         + (f" (model loading {model_seconds:.0f} s)" if model_seconds else "")
         + (f", reusing {sum(bool(r.get('cached')) for r in stages.values())} finished stages" if any(r.get("cached") for r in stages.values()) else "")
         + ".</p>"

@@ -83,6 +83,11 @@ class Activations(Mapping[str, Tensor]):
             raise KeyError(f"no captured sites of kind {kind!r}; kinds captured: {sorted({s.kind for s in self.sites})}")
         return torch.stack([self._by_name[s.hook_name] for s in chosen])
 
+    def _repr_html_(self) -> str:  # Jupyter: a compact table (and a small figure), see tl_taskmap.display
+        from tl_taskmap.display import activations_html
+
+        return activations_html(self)
+
     def __repr__(self) -> str:
         kinds = sorted({s.kind for s in self.sites})
         width = {s.kind: self._by_name[s.hook_name].shape[-1] for s in self.sites}

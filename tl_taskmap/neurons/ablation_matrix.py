@@ -172,6 +172,11 @@ class AblationMatrix:
         """Heat map of the delta table; see :func:`plot_ablation_matrix`."""
         return plot_ablation_matrix(self, ax=ax, **kwargs)
 
+    def _repr_html_(self) -> str:  # Jupyter: a compact table (and a small figure), see tl_taskmap.display
+        from tl_taskmap.display import ablation_html
+
+        return ablation_html(self)
+
     def __repr__(self) -> str:
         head = (
             f"AblationMatrix(mode={self.mode!r}, tasks={self.tasks}, sets={self.set_names}, seeds={len(self.seeds)}, "
@@ -384,9 +389,12 @@ def plot_ablation_matrix(matrix: AblationMatrix, ax: Any = None, *, value: str =
     if matrix.seeds and matrix.set_names:
         ax.axhline(len(matrix.set_names) - 0.5, color="black", linewidth=1)
     if annotate and values.size <= 400:
+        from tl_taskmap.plots import text_colour
+
         for (i, j), v in np.ndenumerate(values):
-            if np.isfinite(v):
-                ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=8)
+            if np.isfinite(v):  # white on dark cells, black on light ones (also readable printed in greyscale)
+                ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=8, color=text_colour(image.cmap(image.norm(v))))
     label = {"delta": "metric change", "loss_delta": "loss change"}.get(value, value)
-    ax.figure.colorbar(image, ax=ax, label=f"{label} (ablated − baseline), mode={matrix.mode}")
+    ax.set_title(f"ablation mode: {matrix.mode}", fontsize="medium")
+    ax.figure.colorbar(image, ax=ax, label=f"{label}\n(ablated − baseline)")  # two short lines: never clipped
     return ax

@@ -211,6 +211,11 @@ class RelevanceScores:
         return pd.DataFrame({"layer": layer.reshape(-1), "neuron": neuron.reshape(-1), "score": self.scores.numpy().reshape(-1),
                              "first_order_delta": self.first_order_delta.numpy().reshape(-1)})
 
+    def _repr_html_(self) -> str:  # Jupyter: a compact table (and a small figure), see tl_taskmap.display
+        from tl_taskmap.display import relevance_html
+
+        return relevance_html(self)
+
     def __repr__(self) -> str:
         totals = self.scores.sum(1)
         share = (totals / totals.sum()).tolist() if float(totals.sum()) > 0 else [0.0] * self.n_layers

@@ -438,6 +438,11 @@ class UnitSet:
             {"layer": np.arange(self._n_layers, dtype=np.int64), "count": counts, "fraction": counts / self._size}
         )
 
+    def _repr_html_(self) -> str:  # Jupyter: a compact table and a small figure, see tl_taskmap.display
+        from tl_taskmap.display import neuron_set_html
+
+        return neuron_set_html(self)
+
     def __repr__(self) -> str:
         counts = self.counts_per_layer()
         shown = ", ".join(map(str, counts[:8])) + (", ..." if len(counts) > 8 else "")

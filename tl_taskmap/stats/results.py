@@ -262,6 +262,11 @@ class LayerStats:
         columns = ["task", "cluster", "layer", "site", "model_pair", "model", "statistic", "estimator", "value"]
         return pd.DataFrame(rows, columns=columns)
 
+    def _repr_html_(self) -> str:  # Jupyter: a compact table (and a small figure), see tl_taskmap.display
+        from tl_taskmap.display import layer_stats_html
+
+        return layer_stats_html(self)
+
     def __repr__(self) -> str:
         clusters = sorted(set(self.clusters.values()))
         sites = {k: len(v) for k, v in self.layers.items()}
