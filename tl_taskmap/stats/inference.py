@@ -114,8 +114,9 @@ def crossed_intervals(differences: Float[np.ndarray, "*batch seeds examples"], a
                       random_rows: bool = True) -> dict[str, np.ndarray]:
     """Vectorised core of :func:`crossed_effect` over leading axes.
 
-    Returns arrays ``estimate, se, df, low, high, p_value, n_differing`` of the leading shape. Where no
-    value differs from 0, ``low``/``high``/``se`` are NaN and ``p_value`` is 1.
+    Returns arrays ``estimate, se, df, low, high, p_value, n_differing, seed_var`` of the leading shape
+    (``seed_var``: the between-rows variance component, clipped at 0; 0 for one row or fixed rows).
+    Where no value differs from 0, ``low``/``high``/``se`` are NaN and ``p_value`` is 1.
 
     Example:
         >>> d = np.random.default_rng(0).normal(0.1, 1, size=(1000, 5, 80))
@@ -140,6 +141,7 @@ def crossed_intervals(differences: Float[np.ndarray, "*batch seeds examples"], a
         # Rows fixed (or a single one): a paired t-interval over the examples' row means.
         var = example_means.var(axis=-1, ddof=1) / n
         df = np.full(estimate.shape, float(n - 1))
+        seed_var = np.zeros(estimate.shape)
     else:
         seed_means = d.mean(axis=-1)
         ms_ex = rows * ((example_means - estimate[..., None]) ** 2).sum(-1) / (n - 1)
@@ -157,6 +159,7 @@ def crossed_intervals(differences: Float[np.ndarray, "*batch seeds examples"], a
         with np.errstate(divide="ignore", invalid="ignore"):
             df = np.where(denom > 0, var ** 2 / np.where(denom > 0, denom, 1.0), float(n - 1))
         df = np.clip(df, 1.0, None)
+        seed_var = np.clip((ms_seed - ms_res) / n, 0.0, None)
     var = np.clip(var, 0.0, None)
     se = np.sqrt(var)
     half = stats.t.ppf(1 - alpha / 2, df) * se
@@ -168,7 +171,7 @@ def crossed_intervals(differences: Float[np.ndarray, "*batch seeds examples"], a
     nan = np.full(estimate.shape, np.nan)
     return {"estimate": estimate, "se": np.where(none_differ, nan, se), "df": df,
             "low": np.where(none_differ, nan, estimate - half), "high": np.where(none_differ, nan, estimate + half),
-            "p_value": p_value, "n_differing": n_differing}
+            "p_value": p_value, "n_differing": n_differing, "seed_var": seed_var}
 
 
 @dataclass(frozen=True)
