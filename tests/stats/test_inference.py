@@ -189,3 +189,20 @@ def test_minimum_detectable_drop_has_the_stated_power_in_simulation():
 def test_effect_repr_and_dict():
     effect = crossed_effect([[1, 0, 1, 0], [1, 1, 0, 0]])
     assert isinstance(effect, Effect) and "n=4" in repr(effect) and effect.to_dict()["n_rows"] == 2
+
+
+def test_above_chance_table_holm_per_model_and_untestable_rows():
+    import pandas as pd
+
+    from tl_taskmap.stats.inference import above_chance_table
+
+    frame = pd.DataFrame({"model": ["a", "a", "a", "b"], "metric": ["accuracy", "accuracy", "rouge_l", "accuracy"],
+                          "metric_value": [0.75, 7 / 12, 0.4, 0.75], "n": [40, 12, 10, 40], "chance": [0.5, 0.5, None, 0.5]})
+    out = above_chance_table(frame, by="model")
+    p = [stats.binomtest(30, 40, 0.5, alternative="greater").pvalue, stats.binomtest(7, 12, 0.5, alternative="greater").pvalue]
+    np.testing.assert_allclose(out["p_above_chance"][:2], p)
+    assert math.isnan(out["p_above_chance"][2])  # no chance level: no test, and not in the family
+    np.testing.assert_allclose(out["p_above_chance_holm"][:2], holm(p))
+    assert out["p_above_chance_holm"][3] == pytest.approx(p[0])  # model b is its own family of one
+    assert out["above_chance"].tolist()[:2] == [True, False] and out["above_chance"].isna().tolist()[2]
+    assert list(out["n_correct"]) == [30, 7, 4, 30]

@@ -37,7 +37,7 @@ from tl_taskmap.evaluate import TaskScore, evaluate_task
 from tl_taskmap.models import as_adapter
 from tl_taskmap.neurons.ablation import AblationMode, MODES, _check_means, ablate, check_neuron_set
 from tl_taskmap.neurons.sets import NeuronSet
-from tl_taskmap.stats.inference import Effect, binomial_above_chance, crossed_effect, crossed_intervals, holm, minimum_detectable_drop
+from tl_taskmap.stats.inference import Effect, above_chance_table, crossed_effect, crossed_intervals, holm, minimum_detectable_drop
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
 
 FORMAT = "tl_taskmap.AblationMatrix"
@@ -352,18 +352,10 @@ def above_chance_tests(matrix: AblationMatrix, *, alpha: float = 0.05) -> pd.Dat
     Example:
         >>> above_chance_tests(matrix)[["task", "p_above_chance_holm", "above_chance"]]   # doctest: +SKIP
     """
-    rows = []
-    for task in matrix.tasks:
-        base = matrix.baselines[task]
-        n, chance = len(base["per_example"]), base.get("chance")
-        k = int(round(sum(base["per_example"])))
-        testable = chance is not None and matrix.metrics[task] == "accuracy" and n > 0
-        rows.append({"task": task, "n": n, "n_correct": k, "chance": chance if chance is not None else math.nan,
-                     "p_above_chance": binomial_above_chance(k, n, float(chance)) if testable else math.nan})
-    frame = pd.DataFrame(rows, columns=["task", "n", "n_correct", "chance", "p_above_chance"])
-    frame["p_above_chance_holm"] = holm(frame["p_above_chance"].to_numpy(float)) if len(frame) else []
-    frame["above_chance"] = pd.array([pd.NA if math.isnan(p) else bool(p < alpha) for p in frame["p_above_chance_holm"]], dtype="boolean")
-    return frame
+    rows = [{"task": task, "metric": matrix.metrics[task], "metric_value": float(np.mean(matrix.baselines[task]["per_example"])),
+             "n": len(matrix.baselines[task]["per_example"]), "chance": matrix.baselines[task].get("chance")} for task in matrix.tasks]
+    frame = above_chance_table(pd.DataFrame(rows, columns=["task", "metric", "metric_value", "n", "chance"]), alpha=alpha)
+    return frame[["task", "n", "n_correct", "chance", "p_above_chance", "p_above_chance_holm", "above_chance"]]
 
 
 def specificity_effects(matrix: AblationMatrix, *, alpha: float = 0.05) -> dict[str, dict[str, Optional[Effect]]]:

@@ -49,7 +49,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from jaxtyping import Float
 
-__all__ = ["Effect", "binomial_above_chance", "holm", "crossed_intervals", "crossed_effect", "combine_effects",
+__all__ = ["Effect", "binomial_above_chance", "above_chance_table", "holm", "crossed_intervals", "crossed_effect", "combine_effects",
            "minimum_detectable_drop", "clopper_pearson_upper"]
 
 
@@ -69,6 +69,40 @@ def binomial_above_chance(n_correct: int, n: int, chance: float) -> float:
     if not 0 < chance < 1:
         raise ValueError(f"chance must lie strictly between 0 and 1, got {chance}")
     return float(stats.binom.sf(int(n_correct) - 1, int(n), float(chance)))
+
+
+def above_chance_table(frame: Any, *, alpha: float = 0.05, by: Optional[str] = None) -> Any:
+    """Add the exact above-chance test to a table of scores (one row per task, e.g. ``baseline.csv``).
+
+    ``frame`` needs ``metric_value`` (accuracy), ``n`` and ``chance`` (NaN/None: no chance level, e.g.
+    generation) and optionally ``metric``. Adds ``n_correct``, ``p_above_chance`` (one-sided exact
+    binomial), ``p_above_chance_holm`` (Holm over the rows with a test; per group of ``by``, e.g.
+    ``"model"``) and ``above_chance`` (adjusted p < ``alpha``; ``<NA>`` where there is no test).
+
+    Example:
+        >>> import pandas as pd
+        >>> above_chance_table(pd.DataFrame({"metric_value": [0.75, 0.55], "n": [40, 40], "chance": [0.5, 0.5]}))["above_chance"].tolist()
+        [True, False]
+    """
+    import pandas as pd
+
+    out = frame.copy()
+    chance = pd.to_numeric(out["chance"], errors="coerce").to_numpy(float)
+    n = out["n"].to_numpy(int)
+    k = np.rint(out["metric_value"].to_numpy(float) * n).astype(int)
+    testable = np.isfinite(chance) & (n > 0) & (chance > 0) & (chance < 1)
+    if "metric" in out:
+        testable &= (out["metric"] == "accuracy").to_numpy(bool)
+    out["n_correct"] = k
+    out["p_above_chance"] = [binomial_above_chance(int(ki), int(ni), float(ci)) if t else math.nan
+                             for ki, ni, ci, t in zip(k, n, chance, testable)]
+    adjusted = np.full(len(out), np.nan)
+    groups = [np.arange(len(out))] if by is None else [np.flatnonzero((out[by] == g).to_numpy(bool)) for g in dict.fromkeys(out[by])]
+    for rows in groups:
+        adjusted[rows] = holm(out["p_above_chance"].to_numpy(float)[rows])
+    out["p_above_chance_holm"] = adjusted
+    out["above_chance"] = pd.array([pd.NA if math.isnan(p) else bool(p < alpha) for p in adjusted], dtype="boolean")
+    return out
 
 
 def holm(p_values: Sequence[float], alpha: float = 0.05) -> np.ndarray:
