@@ -139,7 +139,6 @@ def _baseline(run: _Run) -> tuple[list[str], dict]:
     import pandas as pd
 
     from tl_taskmap.evaluate import evaluate_task
-
     from tl_taskmap.stats.inference import above_chance_table
 
     rows, examples = [], []
