@@ -108,7 +108,7 @@ def above_chance_table(frame: Any, *, alpha: float = 0.05, by: Optional[str] = N
 def holm(p_values: Sequence[float], alpha: float = 0.05) -> np.ndarray:
     """Holm step-down adjusted p-values (NaN stays NaN and does not count towards the family size).
 
-    A hypothesis is rejected at family-wise level ``alpha`` when its adjusted p-value is ≤ ``alpha``.
+    A hypothesis is rejected at family-wise level ``alpha`` when its adjusted p-value is below ``alpha``.
 
     Example:
         >>> holm([0.01, 0.04, 0.03, float("nan")]).round(3).tolist()
