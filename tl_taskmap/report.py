@@ -5,7 +5,8 @@
 * ``report.html`` — self-contained (figures embedded as base64 PNG, inline CSS, no scripts, no
   network) — and the same figures as ``figures/*.png``; ``config.json``, the exact
   :class:`~tl_taskmap.report_config.MapConfig` (``tl-taskmap map --config config.json`` repeats the run);
-* results as data: ``baseline.csv``; ``relevance/<task>.safetensors`` and ``relevance_by_layer.csv``;
+* results as data: ``baseline.csv`` (with the exact above-chance test), ``baseline_examples.json``
+  (per-example scores, answer losses, option scores); ``relevance/<task>.safetensors`` and ``relevance_by_layer.csv``;
   ``neurons/<task>.json`` with ``jaccard*.csv``, ``overlap_sweep.csv``, ``parameter_similarity.csv``;
   ``layers/`` (:class:`~tl_taskmap.stats.results.LayerStats` as JSON + safetensors, ``layer_stats.csv``,
   ``controls.json``); ``ablation/matrix.json`` with ``cells.csv``, ``delta_table.csv``, ``specificity.csv``;
@@ -160,15 +161,23 @@ def _baseline(run: _Run) -> tuple[list[str], dict]:
     import pandas as pd
 
     from tl_taskmap.evaluate import evaluate_task
+    from tl_taskmap.stats.inference import above_chance_table
 
-    rows = []
+    rows, examples = [], []
     for label, model in run.models().items():
         for task in run.bar(list(run.evaluation), f"baseline ({label})"):
             score = evaluate_task(model, task, batch_size=run.config.batch_size)
             rows.append({"model": label, "cluster": task.cluster, **score.to_dict()})
+            examples.append({"model": label, "task": task.name, "per_example": score.per_example, "losses": score.losses,
+                             "option_scores": score.option_scores, "predictions": score.predictions})
     path = run.path("baseline.csv")
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return [run.rel(path)], {}
+    # Exact one-sided binomial test against chance per task, Holm-adjusted over each model's tasks.
+    above_chance_table(pd.DataFrame(rows), by="model").to_csv(path, index=False)
+    per_example = run.path("baseline_examples.json")
+    tmp = per_example.with_name(f".{per_example.name}.tmp")
+    tmp.write_text(json.dumps({"format": "tl_taskmap.BaselineExamples", "format_version": 1, "scores": examples}))
+    tmp.replace(per_example)
+    return [run.rel(path), run.rel(per_example)], {}
 
 
 def _relevance(run: _Run) -> tuple[list[str], dict]:
@@ -454,7 +463,7 @@ def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], 
     store = StageStore(run.out, force, write_root=run.write_root, stage_into=run.writing_into)
     stages: dict[str, dict[str, Any]] = {}
     inputs: dict[str, dict[str, Any]] = {
-        "baseline": {**model_id, "second_model": second_id, **tasks_id},
+        "baseline": {**model_id, "second_model": second_id, **tasks_id, "tests": 2},
         "relevance": {**model_id, **tasks_id},
     }
     stages["baseline"] = store.run("baseline", inputs["baseline"], lambda: _baseline(run), log)
@@ -466,7 +475,7 @@ def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], 
                         "second_model": second_id, "control_models": {t: model_fingerprint(f) for t, f in config.control_models.items()},
                         "neurons": stages["neurons"]["hash"] if config.control_neurons == "task" else None}
     stages["layers"] = store.run("layers", inputs["layers"], lambda: _layers(run), log)
-    inputs["ablation"] = {"neurons": stages["neurons"]["hash"], **model_id, **tasks_id, **config.parts("seeds", "ablation_mode", "seed")}
+    inputs["ablation"] = {"neurons": stages["neurons"]["hash"], **model_id, **tasks_id, **config.parts("seeds", "ablation_mode", "seed"), "tests": 2}
     stages["ablation"] = store.run("ablation", inputs["ablation"], lambda: _ablation(run), log)
     if config.heads:  # attention heads as units: relevance, sets, overlap, ablation (tl_taskmap.report_heads)
         inputs["heads"] = {**model_id, **tasks_id, **config.parts("k", "per_layer", "seeds", "ablation_mode", "seed")}

@@ -17,6 +17,7 @@ from tl_taskmap.models import as_adapter, hook_point_hook_counts, parameter_fing
 from tl_taskmap.neurons.ablation import ablate
 from tl_taskmap.neurons.ablation_matrix import AblationMatrix, ablation_matrix, matched_random_sets, plot_ablation_matrix, specificity
 from tl_taskmap.neurons.sets import NeuronSet
+from tl_taskmap.stats.inference import crossed_effect, minimum_detectable_drop
 from tl_taskmap.tasks import Task
 
 # The package re-exports the function ablation_matrix under the module's name, so fetch the module itself.
@@ -54,6 +55,15 @@ def counting(monkeypatch, model):
     return calls
 
 
+def assert_intervals_hold(df):
+    """Intervals contain their estimate; a cell where no example's score changed has no interval (not [0, 0])."""
+    changed = df["n_changed"] > 0
+    assert ((df["ci_low"] <= df["delta"] + 1e-12) & (df["delta"] <= df["ci_high"] + 1e-12))[changed].all()
+    assert df.loc[~changed, "ci_low"].isna().all() and (df.loc[~changed, "delta"] == 0).all()
+    assert (df.loc[~changed, "p_value"] == 1).all()
+    assert ((df["loss_ci_low"] <= df["loss_delta"] + 1e-9) & (df["loss_delta"] <= df["loss_ci_high"] + 1e-9)).all()
+
+
 @pytest.fixture
 def warm_llama(bridge_llama):
     a = as_adapter(bridge_llama)
@@ -78,7 +88,7 @@ def test_matrix_shape_baselines_once_and_own_delta(warm_llama, monkeypatch):
                                      "delta", "loss_delta", "ci_low", "ci_high"]
     assert len(df) == 2 * 2 + 2 * 2 * 2
     assert df.query("kind == 'task'")["seed"].isna().all() and set(df.query("kind == 'random'")["seed"]) == {0, 1}
-    assert ((df["ci_low"] <= df["delta"] + 1e-12) & (df["delta"] <= df["ci_high"] + 1e-12)).all()
+    assert_intervals_hold(df)
     table = matrix.delta_table()
     assert table.shape == (4, 2)
     assert list(table.index) == ["sentiment", "qa", "random(sentiment)", "random(qa)"]
@@ -104,8 +114,19 @@ def test_matrix_shape_baselines_once_and_own_delta(warm_llama, monkeypatch):
         assert (per_seed["n_neurons"] == len(neurons)).all()
     cells = matrix.to_dataframe(per_seed=False)
     assert len(cells) == 8 and cells["seed"].isna().all()
-    rand = cells.query("kind == 'random'")
-    assert ((rand["ci_low"] <= rand["delta"] + 1e-12) & (rand["delta"] <= rand["ci_high"] + 1e-12)).all()
+    assert_intervals_hold(cells)
+    # The averaged random cell's interval is the crossed examples × seeds one, built from the saved per-example scores.
+    recs = [r for r in matrix.records if r["ablated_set"] == "qa" and r["kind"] == "random" and r["evaluated_task"] == "sentiment"]
+    d = np.array([r["per_example"] for r in recs]) - np.array(matrix.baselines["sentiment"]["per_example"])
+    cell = cells.query("ablated_set == 'qa' and kind == 'random' and evaluated_task == 'sentiment'").iloc[0]
+    expected = crossed_effect(d)
+    assert cell["n_changed"] == expected.n_differing
+    np.testing.assert_allclose([cell["ci_low"], cell["ci_high"]], [expected.low, expected.high], equal_nan=True)
+    # Per-example losses and option scores are kept for every evaluation.
+    base = evaluate_task(model, tasks[1], batch_size=4)
+    np.testing.assert_allclose(matrix.baselines["qa"]["losses"], base.losses, rtol=1e-6)
+    np.testing.assert_allclose(matrix.baselines["qa"]["option_scores"], base.option_scores, rtol=1e-6)
+    assert all(len(r["losses"]) == 6 and len(r["option_scores"]) == 6 for r in matrix.records)
 
 
 def test_random_sets_reproducible_and_identical_sets_evaluated_once(warm_llama, monkeypatch):
@@ -169,6 +190,8 @@ def test_save_load_round_trip(small_matrix, tmp_path):
     path = tmp_path / "matrix.json"
     small_matrix.save(path)
     loaded = AblationMatrix.load(path)
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically
+    assert loaded.records == small_matrix.records and loaded.baselines == small_matrix.baselines  # losses, option scores
     pd.testing.assert_frame_equal(loaded.to_dataframe(), small_matrix.to_dataframe())
     pd.testing.assert_frame_equal(loaded.delta_table(), small_matrix.delta_table())
     assert loaded.mode == "zero" and loaded.seeds == [0, 1, 2]
@@ -185,9 +208,10 @@ def test_save_load_round_trip(small_matrix, tmp_path):
 
 def test_specificity(small_matrix):
     spec = specificity(small_matrix)
-    assert list(spec.columns) == ["task", "metric", "baseline", "own_drop", "random_drop", "other_drop", "vs_random",
-                                  "vs_random_low", "vs_random_high", "vs_other", "vs_other_low", "vs_other_high",
-                                  "loss_vs_random", "loss_vs_other"]
+    assert list(spec.columns[:14]) == ["task", "metric", "baseline", "own_drop", "random_drop", "other_drop", "vs_random",
+                                       "vs_random_low", "vs_random_high", "vs_other", "vs_other_low", "vs_other_high",
+                                       "loss_vs_random", "loss_vs_other"]
+    assert list(spec.columns) == matrix_module.SPECIFICITY_COLUMNS
     assert list(spec["task"]) == ["sentiment", "qa"]
     df = small_matrix.to_dataframe()
     for _, row in spec.iterrows():
@@ -198,12 +222,108 @@ def test_specificity(small_matrix):
         other = -here.query("ablated_set != @t and kind == 'task'")["delta"].mean()
         assert row["own_drop"] == pytest.approx(own) and row["random_drop"] == pytest.approx(rand)
         assert row["vs_random"] == pytest.approx(own - rand) and row["vs_other"] == pytest.approx(own - other)
-        assert row["vs_random_low"] <= row["vs_random"] + 1e-9 <= row["vs_random_high"] + 2e-9
-        assert row["vs_other_low"] <= row["vs_other"] + 1e-9 <= row["vs_other_high"] + 2e-9
+        for name in ("vs_random", "vs_other"):
+            if row[f"{name}_changed"] > 0:
+                assert row[f"{name}_low"] <= row[name] + 1e-9 <= row[f"{name}_high"] + 2e-9
+            else:  # no example differs: reported as such, not as [0, 0]
+                assert math.isnan(row[f"{name}_low"]) and row[name] == 0 and row[f"{name}_p"] == 1
         own_loss = here.query("ablated_set == @t and kind == 'task'")["loss_delta"].item()
         rand_loss = here.query("ablated_set == @t and kind == 'random'")["loss_delta"].mean()
         assert row["loss_vs_random"] == pytest.approx(own_loss - rand_loss)
+        assert row["loss_vs_random_low"] <= row["loss_vs_random"] <= row["loss_vs_random_high"]
+        assert row["loss_vs_other_low"] <= row["loss_vs_other"] <= row["loss_vs_other_high"]
+        assert row["n"] == 6 and row["n_seeds"] == 3
     pd.testing.assert_frame_equal(small_matrix.specificity(), spec)
+    # The loss interval is the crossed interval of own(x) − random_s(x), from the saved per-example losses.
+    recs = small_matrix.records
+    own = np.array([r["losses"] for r in recs if r["evaluated_task"] == "qa" and r["ablated_set"] == "qa" and r["kind"] == "task"])
+    rand = np.array([r["losses"] for r in recs if r["evaluated_task"] == "qa" and r["ablated_set"] == "qa" and r["kind"] == "random"])
+    expected = crossed_effect(own - rand, bounded=False)
+    got = spec.set_index("task").loc["qa"]
+    assert (got["loss_vs_random_low"], got["loss_vs_random_high"], got["loss_vs_random_p"]) == pytest.approx(
+        (expected.low, expected.high, expected.p_value))
+
+
+def synthetic_matrix(seed=0, n=80, seeds=5):
+    """A matrix built from simulated per-example scores (no model): 2-way tasks 'strong' (70/80 right), 'weak'
+    (30/80 right: below chance) and 'frozen' (no ablation changes anything)."""
+    rng = np.random.default_rng(seed)
+    tasks = {"strong": 70, "weak": 30, "frozen": 60}
+    baselines, records = {}, []
+    for task, k in tasks.items():
+        right = np.zeros(n)
+        right[:k] = 1
+        losses = rng.uniform(0.2, 2.0, n)
+        baselines[task] = {"metric_value": right.mean(), "loss": losses.mean(), "per_example": right.tolist(), "losses": losses.tolist(),
+                           "option_scores": rng.normal(size=(n, 2)).tolist(), "chance": 0.5, "n": n}
+        for name in tasks:
+            rows = [("task", None)] + [("random", s) for s in range(seeds)]
+            for kind, s in rows:
+                flip = 0.0 if task == "frozen" else (0.4 if (kind == "task" and name == task) else 0.1)
+                after = np.where(rng.random(n) < flip, 0.0, right)
+                after_losses = losses + (0 if task == "frozen" else rng.uniform(0, 1 + 3 * (flip > 0.2), n))
+                records.append({"ablated_set": name, "kind": kind, "seed": s, "evaluated_task": task, "metric_value": after.mean(),
+                                "loss": after_losses.mean(), "per_example": after.tolist(), "losses": after_losses.tolist(),
+                                "option_scores": [[0.0, 0.0]] * n, "n_neurons": 10})
+    return AblationMatrix(mode="zero", tasks=list(tasks), metrics={t: "accuracy" for t in tasks}, set_names=list(tasks),
+                          seeds=list(range(seeds)), baselines=baselines, records=records)
+
+
+def test_above_chance_is_an_exact_binomial_test_with_holm():
+    from scipy import stats
+
+    tests = matrix_module.above_chance_tests(synthetic_matrix()).set_index("task")
+    for task, k in (("strong", 70), ("weak", 30), ("frozen", 60)):
+        assert tests.loc[task, "p_above_chance"] == pytest.approx(stats.binomtest(k, 80, 0.5, alternative="greater").pvalue)
+    raw = tests["p_above_chance"].to_numpy()
+    order = np.argsort(raw)  # Holm by hand for three tests
+    by_hand = np.empty(3)
+    by_hand[order] = np.minimum(1, np.maximum.accumulate(raw[order] * np.array([3, 2, 1])))
+    np.testing.assert_allclose(tests["p_above_chance_holm"], by_hand)
+    assert tests["above_chance"].tolist() == [True, False, True]
+
+
+def test_task_below_chance_is_flagged_and_left_out_of_the_holm_family():
+    spec = specificity(synthetic_matrix()).set_index("task")
+    assert spec["above_chance"].tolist() == [True, False, True]
+    assert math.isnan(spec.loc["weak", "vs_random_p_holm"]) and not math.isnan(spec.loc["weak", "vs_random_p"])
+    # The family is the two tasks above chance: 'frozen' has p = 1 (nothing changed), so strong's adjusted p is 2·p.
+    assert spec.loc["strong", "vs_random_p_holm"] == pytest.approx(min(1, 2 * spec.loc["strong", "vs_random_p"]))
+    assert spec.loc["strong", "vs_random_low"] > 0  # own set flips 40%, random sets 10%
+
+
+def test_no_prediction_flipped_has_no_zero_width_interval():
+    spec = specificity(synthetic_matrix()).set_index("task")
+    frozen = spec.loc["frozen"]
+    assert frozen["own_changed"] == 0 and frozen["vs_random_changed"] == 0 and frozen["vs_other_changed"] == 0
+    assert frozen["vs_random"] == 0 and math.isnan(frozen["vs_random_low"]) and math.isnan(frozen["vs_random_high"])
+    assert frozen["vs_random_p"] == 1.0
+    cells = synthetic_matrix().to_dataframe(per_seed=False).query("evaluated_task == 'frozen'")
+    assert (cells["n_changed"] == 0).all() and cells["ci_low"].isna().all()
+
+
+def test_minimum_detectable_drop_column():
+    matrix = synthetic_matrix()
+    spec = specificity(matrix).set_index("task")
+    right = np.array(matrix.baselines["strong"]["per_example"]) == 1
+    rand = [r for r in matrix.records if r["evaluated_task"] == "strong" and r["ablated_set"] == "strong" and r["kind"] == "random"]
+    rate = np.mean([np.mean(np.array(r["per_example"])[right] == 0) for r in rand])
+    assert spec.loc["strong", "random_flip_rate"] == pytest.approx(rate)
+    mde = spec.loc["strong", "mde_80"]
+    assert minimum_detectable_drop(80, accuracy=70 / 80, random_flip_rate=rate, n_seeds=5) <= mde < 0.3
+    assert minimum_detectable_drop(80, accuracy=70 / 80, random_flip_rate=rate, n_seeds=5, seed_sd=0.2) > mde
+
+
+def test_format_1_matrix_still_loads_without_loss_intervals(tmp_path):
+    payload = synthetic_matrix().to_dict()
+    payload["format_version"] = 1
+    for entry in [*payload["baselines"].values(), *payload["records"]]:
+        entry.pop("losses"), entry.pop("option_scores"), entry.pop("chance", None), entry.pop("n", None)
+    (tmp_path / "old.json").write_text(json.dumps(payload))
+    old = AblationMatrix.load(tmp_path / "old.json")
+    spec = specificity(old)
+    assert spec["loss_vs_random_low"].isna().all() and spec["vs_random_low"].notna().any()
+    assert spec["above_chance"].isna().all()  # no chance level saved: nothing is flagged
 
 
 def test_specificity_without_random_or_other_rows(warm_llama):

@@ -6,6 +6,11 @@ change of the task's metric (and answer loss) against the unablated model: Table
 (2024) as a matrix. The baseline of each task is evaluated once; identical sets (e.g. random sets of
 equal per-layer counts drawn with the same seed) are evaluated once and shared between rows.
 
+Every evaluation keeps its per-example scores, answer losses and per-option scores (saved with the
+matrix), so every interval — of the metric and of the loss — is computed from examples, and random
+rows are treated as a sample of random sets: the tests are those of :mod:`tl_taskmap.stats.inference`
+(crossed examples × seeds t-interval; exact binomial test for "above chance"; Holm over tasks).
+
 Example:
     >>> from tl_taskmap.neurons.ablation_matrix import ablation_matrix, specificity
     >>> matrix = ablation_matrix(model, suite, {"sst2": s1, "qqp": s2}, seeds=5)   # doctest: +SKIP
@@ -23,20 +28,31 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_taskmap.evaluate import TaskScore, evaluate_task
 from tl_taskmap.models import as_adapter
-from tl_taskmap.neurons.ablation import AblationMode, MODES, _check_means, ablate, check_neuron_set, paired_delta_interval
+from tl_taskmap.neurons.ablation import AblationMode, MODES, _check_means, ablate, check_neuron_set
+from tl_taskmap.neurons.ablation_stats import (  # noqa: F401 - re-exported: the tests behind specificity()
+    COMPARISONS,
+    SPECIFICITY_COLUMNS,
+    above_chance_tests,
+    interval_bounds,
+    paired_effect,
+    per_example_array,
+    specificity_effects,
+    specificity_table,
+)
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
 
 FORMAT = "tl_taskmap.AblationMatrix"
-FORMAT_VERSION = 1
-COLUMNS = ["ablated_set", "kind", "seed", "evaluated_task", "metric", "baseline", "ablated", "delta", "loss_delta", "ci_low", "ci_high", "n_neurons"]
+FORMAT_VERSION = 2  # 2: per-example answer losses and option scores, chance per task; version 1 still loads
+READABLE_VERSIONS = (1, 2)
+COLUMNS = ["ablated_set", "kind", "seed", "evaluated_task", "metric", "baseline", "ablated", "delta", "loss_delta", "ci_low", "ci_high", "n_neurons",
+           "p_value", "n_examples", "n_changed", "loss_ci_low", "loss_ci_high"]
 
 
 def matched_random_sets(neurons: NeuronSet, seeds: Sequence[int]) -> list[NeuronSet]:
@@ -60,25 +76,17 @@ def _seed_list(seeds: int | Sequence[int]) -> list[int]:
     return out
 
 
-def _t_interval(values: Sequence[float], alpha: float) -> tuple[float, float]:
-    if len(values) < 2:
-        return (math.nan, math.nan)
-    from scipy import stats
-
-    data = np.asarray(values, dtype=np.float64)
-    half = stats.t.ppf(1 - alpha / 2, len(data) - 1) * data.std(ddof=1) / math.sqrt(len(data))
-    return (float(data.mean() - half), float(data.mean() + half))
-
-
 class AblationMatrix:
     """Result of :func:`ablation_matrix`: every (ablated set, evaluated task) score and the baselines.
 
     Attributes:
         mode: The ablation mode. tasks: evaluated task names, in order. metrics: task → metric name.
         set_names: The task sets' names (row order). seeds: random seeds per row.
-        baselines: task → ``{"metric_value", "loss", "per_example"}`` of the unablated model.
+        baselines: task → ``{"metric_value", "loss", "per_example", "losses", "option_scores", "chance", "n"}``
+            of the unablated model (``losses``: answer NLL per example; ``option_scores``: per example, each
+            option's score; ``chance``: chance accuracy or None).
         records: one dict per (row, seed, task): ``ablated_set, kind, seed, evaluated_task,
-            metric_value, loss, per_example, n_neurons``.
+            metric_value, loss, per_example, losses, option_scores, n_neurons``.
         meta: JSON-able extras (e.g. ``n_evaluations`` actually run).
 
     Example:
@@ -99,47 +107,52 @@ class AblationMatrix:
         self.meta = dict(meta or {})
 
     # ------------------------------------------------------------------ tables
-    def to_dataframe(self, per_seed: bool = True, *, n_boot: int = 1000, alpha: float = 0.05) -> pd.DataFrame:
+    def to_dataframe(self, per_seed: bool = True, *, alpha: float = 0.05) -> pd.DataFrame:
         """Long table, one row per (ablated set, seed, evaluated task).
 
         Columns: ablated_set, kind (``"task"``/``"random"``), seed (<NA> for task rows), evaluated_task,
-        metric, baseline, ablated, delta (ablated − baseline), loss_delta, ci_low, ci_high, n_neurons.
-        The interval is a paired per-example bootstrap of delta. With ``per_seed=False`` the random
-        seeds of a row are averaged into one cell whose interval is a t-interval over seeds.
+        metric, baseline, ablated, delta (ablated − baseline), loss_delta, ci_low, ci_high, n_neurons,
+        p_value (of delta = 0), n_examples, n_changed (examples whose score changed), loss_ci_low,
+        loss_ci_high. Intervals are paired t-intervals over examples; with ``per_seed=False`` the random
+        seeds of a row are averaged into one cell whose interval is the crossed examples × seeds
+        interval (:func:`~tl_taskmap.stats.inference.crossed_effect`). Where no example's score changed
+        the interval is NaN (not a zero-width interval) and ``n_changed`` is 0.
 
         Example:
             >>> matrix.to_dataframe().query("kind == 'task'")   # doctest: +SKIP
         """
-        return self._frame(per_seed, n_boot=n_boot, alpha=alpha, intervals=True)
+        return self._frame(per_seed, alpha=alpha, intervals=True)
 
-    def _frame(self, per_seed: bool, *, n_boot: int, alpha: float, intervals: bool) -> pd.DataFrame:
-        rows = []
-        for r in self.records:
-            base = self.baselines[r["evaluated_task"]]
-            low, high = (math.nan, math.nan)
-            if intervals:
-                low, high = paired_delta_interval(base["per_example"], r["per_example"], n_boot=n_boot, alpha=alpha)
-            rows.append({
-                "ablated_set": r["ablated_set"], "kind": r["kind"], "seed": r["seed"], "evaluated_task": r["evaluated_task"],
-                "metric": self.metrics[r["evaluated_task"]], "baseline": base["metric_value"], "ablated": r["metric_value"],
-                "delta": r["metric_value"] - base["metric_value"], "loss_delta": r["loss"] - base["loss"],
-                "ci_low": low, "ci_high": high, "n_neurons": r["n_neurons"],
-            })
+    def _frame(self, per_seed: bool, *, alpha: float, intervals: bool) -> pd.DataFrame:
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for i, r in enumerate(self.records):
+            key = (i,) if per_seed or r["kind"] != "random" else (r["ablated_set"], r["kind"], r["evaluated_task"])
+            groups.setdefault(key, []).append(r)
+        rows = [self._cell(group, alpha, intervals) for group in groups.values()]
         df = pd.DataFrame(rows, columns=COLUMNS)
         df["seed"] = pd.array(df["seed"].tolist(), dtype="Int64")
-        if per_seed or df.empty:
-            return df
-        keys = ["ablated_set", "kind", "evaluated_task"]
-        cells = []
-        for _, group in df.groupby(keys, sort=False):
-            first = group.iloc[0].to_dict()
-            if first["kind"] == "random":
-                first.update(seed=pd.NA, ablated=group["ablated"].mean(), delta=group["delta"].mean(), loss_delta=group["loss_delta"].mean())
-                first["ci_low"], first["ci_high"] = _t_interval(group["delta"].tolist(), alpha)
-            cells.append(first)
-        out = pd.DataFrame(cells, columns=COLUMNS)
-        out["seed"] = pd.array(out["seed"].tolist(), dtype="Int64")
-        return out
+        return df
+
+    def _cell(self, group: list[dict[str, Any]], alpha: float, intervals: bool) -> dict[str, Any]:
+        """One table cell: the records of one (set, kind, task) — several seeds for an averaged random row."""
+        first, task = group[0], group[0]["evaluated_task"]
+        base = self.baselines[task]
+        ablated, loss = float(np.mean([r["metric_value"] for r in group])), float(np.mean([r["loss"] for r in group]))
+        cell = {"ablated_set": first["ablated_set"], "kind": first["kind"], "seed": first["seed"] if len(group) == 1 else pd.NA,
+                "evaluated_task": task, "metric": self.metrics[task], "baseline": base["metric_value"], "ablated": ablated,
+                "delta": ablated - base["metric_value"], "loss_delta": loss - base["loss"], "n_neurons": first["n_neurons"],
+                "n_examples": len(base["per_example"])}
+        if intervals:
+            random_rows = first["kind"] == "random"
+            metric = paired_effect(per_example_array(group, "per_example"), per_example_array([base], "per_example"), random_rows=random_rows,
+                             bounded=True, alpha=alpha)
+            losses = paired_effect(per_example_array(group, "losses"), per_example_array([base], "losses"), random_rows=random_rows,
+                             bounded=False, alpha=alpha)
+            cell["ci_low"], cell["ci_high"] = interval_bounds(metric)
+            cell["loss_ci_low"], cell["loss_ci_high"] = interval_bounds(losses)
+            cell["p_value"] = metric.p_value if metric is not None else math.nan
+            cell["n_changed"] = metric.n_differing if metric is not None else pd.NA
+        return cell
 
     def row_labels(self) -> list[str]:
         """Row labels of :meth:`delta_table`: the task sets, then ``random(<set>)`` rows."""
@@ -154,9 +167,10 @@ class AblationMatrix:
         Example:
             >>> matrix.delta_table().round(3)   # doctest: +SKIP
         """
-        if value not in COLUMNS[5:11]:
-            raise ValueError(f"unknown value {value!r}; use one of {COLUMNS[5:11]}")
-        cells = self._frame(False, n_boot=1000, alpha=0.05, intervals=value.startswith("ci_"))
+        values = COLUMNS[5:11] + ["p_value", "loss_ci_low", "loss_ci_high"]
+        if value not in values:
+            raise ValueError(f"unknown value {value!r}; use one of {values}")
+        cells = self._frame(False, alpha=0.05, intervals=value.startswith(("ci_", "loss_ci_", "p_")))
         cells = cells.assign(row=[n if k == "task" else f"random({n})" for n, k in zip(cells["ablated_set"], cells["kind"])])
         table = cells.pivot(index="row", columns="evaluated_task", values=value)
         table = table.reindex(index=self.row_labels(), columns=self.tasks)
@@ -195,12 +209,15 @@ class AblationMatrix:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write JSON (with a format version; no pickle).
+        """Write JSON (with a format version; no pickle), atomically (a temporary file, then a rename).
 
         Example:
             >>> matrix.save("ablation.json"); AblationMatrix.load("ablation.json")   # doctest: +SKIP
         """
-        Path(path).write_text(json.dumps(self.to_dict()))
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict()))
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AblationMatrix":
@@ -211,8 +228,9 @@ class AblationMatrix:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path} is not a saved AblationMatrix (no 'format': {FORMAT!r})")
-        if payload.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has format_version={payload.get('format_version')!r}; this tl_taskmap reads {FORMAT_VERSION}")
+        if payload.get("format_version") not in READABLE_VERSIONS:
+            raise ValueError(f"{path} has format_version={payload.get('format_version')!r}; this tl_taskmap reads "
+                             f"{list(READABLE_VERSIONS)} (re-run the ablation stage to rewrite it)")
         return cls(**{k: payload[k] for k in ("mode", "tasks", "metrics", "set_names", "seeds", "baselines", "records", "meta")})
 
 
@@ -296,71 +314,47 @@ def ablation_matrix(
             score = scores[neurons][task.name] if len(neurons) else baselines[task.name]  # empty set: exact no-op
             records.append({
                 "ablated_set": name, "kind": kind, "seed": seed, "evaluated_task": task.name, "metric_value": score.metric_value,
-                "loss": score.loss, "per_example": list(score.per_example), "n_neurons": len(neurons),
+                "loss": score.loss, **_per_example_fields(score), "n_neurons": len(neurons),
             })
     return AblationMatrix(
         mode=mode, tasks=suite.names, metrics={t.name: str(t.metric) for t in suite}, set_names=[str(n) for n in neuron_sets],
         seeds=seed_list,
-        baselines={n: {"metric_value": s.metric_value, "loss": s.loss, "per_example": list(s.per_example)} for n, s in baselines.items()},
+        baselines={n: {"metric_value": s.metric_value, "loss": s.loss, **_per_example_fields(s), "chance": s.chance, "n": s.n}
+                   for n, s in baselines.items()},
         records=records, meta={"n_evaluations": len(suite) * (1 + len(distinct)), "batch_size": batch_size, "unit": units.pop()},
     )
 
 
-def specificity(matrix: AblationMatrix, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
-    """Per task: how much more its own neurons matter than random neurons and other tasks' neurons.
+def _per_example_fields(score: TaskScore) -> dict[str, Any]:
+    """The per-example parts of an evaluation that the matrix keeps (JSON-able lists, float64 precision)."""
+    return {"per_example": [float(v) for v in score.per_example], "losses": [float(v) for v in score.losses],
+            "option_scores": [[float(v) for v in row] for row in score.option_scores]}
+
+
+def specificity(matrix: AblationMatrix, *, alpha: float = 0.05, power: float = 0.8) -> pd.DataFrame:
+    """Per task: how much more its own neurons matter than random neurons and other tasks' neurons, with tests.
 
     A drop is ``baseline − ablated`` (positive: worse). For each evaluated task ``t`` with a set of
     the same name: ``own_drop`` (ablating ``t``'s set), ``random_drop`` (mean over the matched random
     sets), ``other_drop`` (mean over the sets named after the other evaluated tasks), and
-    ``vs_random = own_drop − random_drop``, ``vs_other = own_drop − other_drop``. Intervals are a
-    bootstrap resampling examples (paired across rows) and, for the random term, seeds.
-    ``loss_vs_random`` / ``loss_vs_other`` are the same differences of loss increases (no interval).
+    ``vs_random = own_drop − random_drop``, ``vs_other = own_drop − other_drop``, each with a
+    ``1 − alpha`` interval, a p-value and the Holm-adjusted p-value over the tasks that are above
+    chance (see :func:`specificity_effects` for the intervals). ``loss_vs_random`` / ``loss_vs_other``
+    are the same differences of answer-loss increases, with the same intervals.
+
+    Also: ``n`` (evaluation examples), ``n_seeds``, the above-chance test of the baseline
+    (:func:`above_chance_tests`; a task that is not above chance is flagged ``above_chance=False`` and
+    left out of the Holm families), ``own_changed`` / ``vs_*_changed`` (examples whose score the own
+    set changes / that differ between own and comparison rows: 0 means no prediction flipped, and the
+    interval is NaN rather than ``[0, 0]``), ``random_flip_rate`` (share of right answers a random set
+    turns wrong) and ``mde_80``: the smallest own-vs-random accuracy drop this run detects with
+    ``power`` (:func:`~tl_taskmap.stats.inference.minimum_detectable_drop` at the task's ``n``,
+    seeds, baseline accuracy, random flip rate and between-seed spread; 0/1 metrics only).
 
     Example:
-        >>> specificity(matrix)[["task", "vs_random", "vs_random_low", "vs_random_high"]]   # doctest: +SKIP
+        >>> specificity(matrix)[["task", "vs_random", "vs_random_low", "vs_random_high", "vs_random_p_holm"]]   # doctest: +SKIP
     """
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for task in matrix.tasks:
-        if task not in matrix.set_names:
-            continue
-        base = matrix.baselines[task]
-        here = [r for r in matrix.records if r["evaluated_task"] == task]
-        own = [r for r in here if r["kind"] == "task" and r["ablated_set"] == task]
-        rand = [r for r in here if r["kind"] == "random" and r["ablated_set"] == task]
-        other = [r for r in here if r["kind"] == "task" and r["ablated_set"] != task and r["ablated_set"] in matrix.tasks]
-        b = torch.tensor(base["per_example"], dtype=torch.float64)
-
-        def drops(rs: list[dict[str, Any]]) -> Tensor:
-            return b - torch.tensor([r["per_example"] for r in rs], dtype=torch.float64).reshape(len(rs), len(b))
-
-        own_d, rand_d, other_d = drops(own), drops(rand), drops(other)
-        idx = torch.randint(0, len(b), (n_boot, len(b)), generator=gen)
-        own_b = own_d[0][idx].mean(1)
-        row: dict[str, Any] = {"task": task, "metric": matrix.metrics[task], "baseline": base["metric_value"],
-                               "own_drop": float(own_d.mean())}
-        for label, d in (("random", rand_d), ("other", other_d)):
-            if len(d) == 0:
-                row.update({f"{label}_drop": math.nan, f"vs_{label}": math.nan, f"vs_{label}_low": math.nan, f"vs_{label}_high": math.nan})
-                continue
-            per_row = d[:, idx].mean(-1)  # [rows, n_boot]
-            if label == "random":  # random sets are a sample: resample them too
-                pick = torch.randint(0, len(d), (n_boot, len(d)), generator=gen)
-                term = per_row.T.gather(1, pick).mean(1)
-            else:
-                term = per_row.mean(0)
-            diff = own_b - term
-            row[f"{label}_drop"] = float(d.mean())
-            row[f"vs_{label}"] = row["own_drop"] - row[f"{label}_drop"]
-            row[f"vs_{label}_low"] = float(torch.quantile(diff, alpha / 2))
-            row[f"vs_{label}_high"] = float(torch.quantile(diff, 1 - alpha / 2))
-        # (own loss − baseline) − (mean loss − baseline): the baseline cancels.
-        row["loss_vs_random"] = own[0]["loss"] - float(np.mean([r["loss"] for r in rand])) if rand else math.nan
-        row["loss_vs_other"] = own[0]["loss"] - float(np.mean([r["loss"] for r in other])) if other else math.nan
-        out.append(row)
-    columns = ["task", "metric", "baseline", "own_drop", "random_drop", "other_drop", "vs_random", "vs_random_low", "vs_random_high",
-               "vs_other", "vs_other_low", "vs_other_high", "loss_vs_random", "loss_vs_other"]
-    return pd.DataFrame(out, columns=columns)
+    return specificity_table(matrix, alpha=alpha, power=power)
 
 
 def plot_ablation_matrix(matrix: AblationMatrix, ax: Any = None, *, value: str = "delta", annotate: bool = True, cmap: str = "RdBu") -> Any:
