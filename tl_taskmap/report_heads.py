@@ -26,8 +26,10 @@ from typing import Any
 __all__ = ["heads_stage"]
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "task"
+def _safe(name: str) -> str:  # the report's injective, bounded file names (tl_taskmap.file_names)
+    from tl_taskmap.file_names import safe_name
+
+    return safe_name(name)
 
 
 def heads_stage(run: Any) -> tuple[list[str], dict[str, Any]]:
@@ -72,8 +74,9 @@ def heads_stage(run: Any) -> tuple[list[str], dict[str, Any]]:
         "relevance_by_layer.csv": pd.DataFrame(layer_rows),
         "relevance_by_head.csv": pd.DataFrame(head_rows),
         "jaccard.csv": jaccard_matrix(sets),
-        "overlap_vs_random.csv": overlap_vs_random(sets, seed=cfg.seed),
     }
+    if len(sets) >= 2:  # overlap compares tasks: a one-task map has none (the page says why)
+        tables["overlap_vs_random.csv"] = overlap_vs_random(sets, seed=cfg.seed)
     for name, table in tables.items():
         path = run.path("heads", name)
         table.to_csv(path, index=name == "jaccard.csv")

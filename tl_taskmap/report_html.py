@@ -312,7 +312,7 @@ def _heads_section(fig: _Figures, out: Path, k: float, record: Optional[dict]) -
         return f"<h2 id='heads'>Attention heads</h2><p class='note'>Skipped: {_esc(record['skipped'])}</p>"
     folder = out / "heads"
     by_head, by_layer = pd.read_csv(folder / "relevance_by_head.csv"), pd.read_csv(folder / "relevance_by_layer.csv")
-    neuron_layers, overlap = _read(out / "relevance_by_layer.csv"), pd.read_csv(folder / "overlap_vs_random.csv")
+    neuron_layers, overlap = _read(out / "relevance_by_layer.csv"), _read(folder / "overlap_vs_random.csv")
     matrix, spec = AblationMatrix.load(folder / "ablation" / "matrix.json"), pd.read_csv(folder / "ablation" / "specificity.csv")
     layout = record.get("layout", {})
     gqa = (f" The model uses grouped-query attention ({layout.get('n_heads')} query heads share {layout.get('n_key_value_heads')} "
@@ -337,17 +337,20 @@ def _heads_section(fig: _Figures, out: Path, k: float, record: Optional[dict]) -
             + (fig.html("relevance_neurons_vs_heads", "Where in depth relevance lies: MLP neurons (left) and attention heads "
                         "(right), share of each task's total per layer.",
                         lambda: plots.plot_relevance_neurons_vs_heads(neuron_layers, by_layer)) if neuron_layers is not None else "")
-            + fig.html("head_overlap", "Jaccard overlap of the tasks' head sets (red) against random head sets with the same "
-                                       f"per-layer counts ({int(overlap['n_draws'].iloc[0]) if len(overlap) else 0} draws; grey: "
-                                       "mean and 95% range). With few heads per layer chance overlap is high.",
-                       lambda: plots.plot_head_overlap(overlap))
-            + _table(overlap.drop(columns=["n_draws"]))
+            + ((fig.html("head_overlap", "Jaccard overlap of the tasks' head sets (red) against random head sets with the same "
+                                         f"per-layer counts ({int(overlap['n_draws'].iloc[0]) if len(overlap) else 0} draws; grey: "
+                                         "mean and 95% range). With few heads per layer chance overlap is high.",
+                         lambda: plots.plot_head_overlap(overlap))
+                + _table(overlap.drop(columns=["n_draws"]))) if overlap is not None else
+               "<p class='note'>Head-set overlap compares tasks: a one-task map has none.</p>")
             + fig.html("head_ablation_matrix", f"Task × task ablation matrix of head sets, with {len(matrix.seeds)} random head "
                                                "sets of matched per-layer counts per row (below the line).", heatmap)
             + fig.html("head_specificity", "Extra drop of each task's metric from ablating its own heads compared with random "
-                                           "heads and with other tasks' heads; bars: 95% bootstrap intervals.",
+                                           "heads and with other tasks' heads; bars: 95% intervals over examples and random seeds.",
                        lambda: plots.plot_specificity(spec))
             + _table(spec[cols]))
+
+
 def _selection_section(fig: _Figures, out: Path, record: dict) -> str:
     """The selection-method comparison (stage ``selection``); empty when the stage wrote nothing."""
     if not record.get("files"):
