@@ -246,7 +246,7 @@ def test_planted_task_neurons_are_recovered_by_the_specific_methods():
 
 def test_compare_selections_on_planted_model():
     model = _planted()
-    sel_tasks, eval_tasks = _planted_tasks(2), _planted_tasks(3)
+    sel_tasks, eval_tasks = _planted_tasks(2), _planted_tasks(10)  # t-intervals over examples need n ≳ 20
     cmp = compare_selections(model, sel_tasks, eval_tasks, ["gradxact", "exclusive"], k=3 / 8, seeds=3, n_boot=200)
     table = cmp.table.set_index(["method", "task"])
     assert len(cmp.table) == 6 and set(cmp.summary["method"]) == {"gradxact", "exclusive"}
