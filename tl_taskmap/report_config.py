@@ -66,6 +66,14 @@ class MapConfig:
         seeds: Random neuron sets per ablation row (matched per-layer counts).
         ablation_mode: ``"zero"``, ``"mean"`` or ``"params"``.
         device, dtype, batch_size, seed: Where and how things run; ``seed`` fixes splits and training.
+        null_controls: Train a *null control* per control model (same fine-tuning, shuffled answers); the layer
+            map then reports where the task control departs from the model more than the null does.
+        layer_map_boot: Bootstrap resamples of examples for the layer-map intervals (≥ 100).
+        multitask: The paper's base-vs-tuned pair from a multi-task fine-tune of the model on the selection
+            splits: ``"auto"`` (use it when one is cached), ``"train"`` (train it if needed), ``"off"``.
+            ``second_model`` takes precedence. multitask_steps, multitask_lr: its fine-tuning budget.
+        multitask_held_out: Tasks kept out of the multi-task training (the paper's unseen tasks).
+        multitask_cache: Folder of the multi-task model cache (default: the asset cache, ``$TL_TASKMAP_CACHE``).
 
     Example:
         >>> cfg = MapConfig(out="report", k=0.05, seeds=2)
@@ -100,6 +108,13 @@ class MapConfig:
     dtype: str = "float32"
     batch_size: int = 8
     seed: int = 0
+    null_controls: bool = True
+    layer_map_boot: int = 1000
+    multitask: str = "auto"
+    multitask_steps: int = 100
+    multitask_lr: float = 1e-4
+    multitask_held_out: list[str] = field(default_factory=list)
+    multitask_cache: Optional[str] = None
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "MapConfig":
@@ -117,6 +132,7 @@ class MapConfig:
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"{name} must be an integer ≥ {low}, got {value!r}")
         _check(isinstance(self.control_lr, (int, float)) and self.control_lr > 0, f"control_lr must be positive, got {self.control_lr!r}")
+        _check_layer_map_fields(self)
         for name, options in (("dtype", DTYPES), ("reduce", REDUCTIONS), ("ablation_mode", ABLATION_MODES), ("control_neurons", CONTROL_NEURONS)):
             _check(getattr(self, name) in options, f"{name} must be one of {options}, got {getattr(self, name)!r}")
         _check_device(self.device)
@@ -175,6 +191,23 @@ class MapConfig:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+MULTITASK_MODES = ("auto", "train", "off")
+
+
+def _check_layer_map_fields(config: MapConfig) -> None:
+    _check(isinstance(config.null_controls, bool), f"null_controls must be true or false, got {config.null_controls!r}")
+    for name, low in (("layer_map_boot", 100), ("multitask_steps", 1)):
+        value = getattr(config, name)
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"{name} must be an integer ≥ {low}, got {value!r}")
+    _check(isinstance(config.multitask_lr, (int, float)) and config.multitask_lr > 0, f"multitask_lr must be positive, got {config.multitask_lr!r}")
+    _check(config.multitask in MULTITASK_MODES, f"multitask must be one of {MULTITASK_MODES}, got {config.multitask!r}")
+    _check(isinstance(config.multitask_held_out, (list, tuple)) and all(isinstance(t, str) for t in config.multitask_held_out),
+           f"multitask_held_out must be a list of task names, got {config.multitask_held_out!r}")
+    if config.multitask_cache is not None:
+        path = Path(config.multitask_cache).expanduser()
+        _check(not path.exists() or path.is_dir(), f"multitask_cache={config.multitask_cache!r} exists and is not a folder")
 
 
 def _check_device(device: str) -> None:

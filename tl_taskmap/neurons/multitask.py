@@ -31,7 +31,13 @@ from typing import Any, Optional, Sequence
 from tl_taskmap.neurons.finetune import _combined_fingerprint, finetune, copy_model, load_control_model, save_control_model
 from tl_taskmap.tasks import Example, Task
 
-__all__ = ["MultitaskModel", "multitask_union", "multitask_fingerprint", "multitask_model", "MULTITASK_FORMAT_VERSION"]
+__all__ = ["MultitaskModel", "multitask_union", "multitask_fingerprint", "multitask_model", "MULTITASK_FORMAT_VERSION",
+           "tasks_settings_key", "cached_multitask_keys", "multitask_settings"]
+
+
+def multitask_settings(steps: int, lr: float, batch_size: int, seed: int, held_out: Sequence[str]) -> dict[str, Any]:
+    """The training settings that, with the base weights and the tasks, name a cached multi-task model."""
+    return {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "held_out": sorted(held_out)}
 
 MULTITASK_FORMAT_VERSION = 1
 
@@ -57,6 +63,37 @@ def multitask_union(tasks: Sequence[Task], held_out: Sequence[str] = ()) -> Task
     # Options are dropped: only the target completion is trained on, and tasks may mix metrics.
     examples = [Example(e.prompt, e.target) for t in train for e in t.examples]
     return Task("multitask", examples, cluster="multitask", metric="exact_match", meta={"tasks": [t.name for t in train]})
+
+
+def tasks_settings_key(tasks: Sequence[Task], settings: dict[str, Any]) -> str:
+    """The model-independent part of the cache key (task contents + settings), stored in each manifest so a
+    run can tell whether a matching multi-task model is cached without loading the base model.
+
+    Example:
+        >>> tasks_settings_key([Task.from_lists("a", ["x"], [" 1"])], {"steps": 1})
+        '87c990fde4ed8566'
+    """
+    payload = {"format": MULTITASK_FORMAT_VERSION, "settings": settings,
+               "tasks": [(t.name, [(e.prompt, e.target) for e in t.examples]) for t in tasks]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_multitask_keys(cache_dir: str | os.PathLike, tasks: Sequence[Task], settings: dict[str, Any]) -> list[str]:
+    """Cache entries trained on these tasks with these settings (for any base; loading checks the base's weights).
+
+    Example:
+        >>> cached_multitask_keys("cache", suite, settings)   # doctest: +SKIP
+        ['3f0c9a1e2b7d4c55']
+    """
+    wanted = tasks_settings_key(list(tasks), settings)
+    found = []
+    for manifest in sorted((Path(cache_dir).expanduser() / "multitask").glob("*/manifest.json")):
+        try:
+            if json.loads(manifest.read_text())["meta"].get("tasks_settings") == wanted:
+                found.append(manifest.parent.name)
+        except (OSError, ValueError, KeyError):
+            continue
+    return found
 
 
 def multitask_fingerprint(base_model: Any, tasks: Sequence[Task], settings: dict[str, Any]) -> str:
@@ -116,7 +153,7 @@ def multitask_model(base_model: Any, tasks: Any, *, cache_dir: str | os.PathLike
     """
     task_list = _tasks_of(tasks)
     union = multitask_union(task_list, held_out)
-    settings = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "held_out": sorted(held_out)}
+    settings = multitask_settings(steps, lr, batch_size, seed, held_out)
     key = multitask_fingerprint(base_model, task_list, settings)
     folder = Path(cache_dir).expanduser() / "multitask" / key
     trained_on = union.meta["tasks"]
@@ -131,7 +168,7 @@ def multitask_model(base_model: Any, tasks: Any, *, cache_dir: str | os.PathLike
     model = copy_model(base_model)
     result = finetune(model, union, "all", steps=steps, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
     meta = {"trained_on": trained_on, "held_out": sorted(held_out), "settings": settings, "losses": result.losses,
-            "seconds": result.seconds, "key": key}
+            "seconds": result.seconds, "key": key, "tasks_settings": tasks_settings_key(task_list, settings)}
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
     try:  # written in a scratch folder, then renamed: a crash never leaves a half-written cache entry

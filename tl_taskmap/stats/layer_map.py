@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-__all__ = ["LayerDifference", "cka_difference_by_layer", "task_vs_null", "paper_pair", "linear_cka_from_grams",
+__all__ = ["LayerDifference", "cka_difference_by_layer", "cka_contrast_by_layer", "paper_pair_vs_null", "task_vs_null", "paper_pair", "linear_cka_from_grams",
            "bootstrap_indices"]
 
 Acts = Union[Mapping[int, Float[np.ndarray, "n d"]], Sequence[Float[np.ndarray, "n d"]]]
@@ -154,12 +154,32 @@ def cka_difference_by_layer(
         >>> bool(d.frame["positive"].iloc[0])
         True
     """
+    return cka_contrast_by_layer([(1.0, *a), (-1.0, *b)], columns=("cka_a", "cka_b"), task=task, n_boot=n_boot,
+                                 level=level, margin=margin, seed=seed, what=what)
+
+
+def cka_contrast_by_layer(
+    terms: Sequence[tuple[float, Acts, Acts]], *, columns: Sequence[str], task: str = "task", n_boot: int = 1000,
+    level: float = 0.95, margin: float = 0.0, seed: int = 0, what: tuple[str, str] = ("a", "b"),
+) -> LayerDifference:
+    """``Σ sign_i · CKA(X_i, Y_i)`` per layer with a paired bootstrap (see :func:`cka_difference_by_layer`).
+
+    ``columns`` names each term's CKA column. A difference of differences (the paper's gain minus the
+    null's gain) is four terms.
+
+    Example:
+        >>> x = [np.random.default_rng(0).normal(size=(12, 3))]
+        >>> cka_contrast_by_layer([(1.0, x, x), (-1.0, x, x)], columns=("p", "q"), n_boot=100).frame["diff"].item()
+        0.0
+    """
     if not isinstance(n_boot, int) or n_boot < 100:
         raise ValueError(f"n_boot must be an integer ≥ 100 (percentile intervals need replicates), got {n_boot!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
-    names = (f"{what[0]}[0]", f"{what[0]}[1]", f"{what[1]}[0]", f"{what[1]}[1]")
-    layers_sets = [_as_layers(x, n) for x, n in zip((*a, *b), names)]
+    if len(columns) != len(terms):
+        raise ValueError(f"{len(terms)} terms but {len(columns)} column names")
+    names = [f"{col}[{side}]" for col in columns for side in (0, 1)]
+    layers_sets = [_as_layers(x, n) for (_, *pair), col in zip(terms, columns) for x, n in zip(pair, (f"{col}[0]", f"{col}[1]"))]
     layers = sorted(layers_sets[0])
     for acts, name in zip(layers_sets[1:], names[1:]):
         if sorted(acts) != layers:
@@ -173,16 +193,22 @@ def cka_difference_by_layer(
         raise ValueError(f"need at least 4 examples for a bootstrap interval, got {n}")
     idx = bootstrap_indices(n, n_boot, seed)
     alpha = (1 - level) / len(layers)
+    signs = [float(t[0]) for t in terms]
     rows = []
     for layer in layers:
-        grams = [_gram(acts[layer]) for acts in layers_sets]
-        cka_a = float(linear_cka_from_grams(grams[0], grams[1]))
-        cka_b = float(linear_cka_from_grams(grams[2], grams[3]))
-        reps = _cka_replicates(grams[0], grams[1], idx) - _cka_replicates(grams[2], grams[3], idx)
+        grams: dict[int, np.ndarray] = {}  # one Gram per distinct array (a model shared by two terms is computed once)
+        values, reps = {}, np.zeros(n_boot)
+        for i, (sign, col) in enumerate(zip(signs, columns)):
+            x, y = layers_sets[2 * i][layer], layers_sets[2 * i + 1][layer]
+            k = grams.setdefault(id(x), _gram(x))
+            l = grams.setdefault(id(y), _gram(y))
+            values[col] = float(linear_cka_from_grams(k, l))
+            reps += sign * _cka_replicates(k, l, idx)
+        diff = sum(sign * values[col] for sign, col in zip(signs, columns))
         reps = reps[np.isfinite(reps)]
         low, high = (np.quantile(reps, [alpha / 2, 1 - alpha / 2]) if reps.size else (np.nan, np.nan))
-        rows.append({"task": task, "layer": layer, "cka_a": cka_a, "cka_b": cka_b, "diff": cka_a - cka_b,
-                     "low": float(low), "high": float(high), "n": n, "positive": bool(low > margin)})
+        rows.append({"task": task, "layer": layer, **values, "diff": diff, "low": float(low), "high": float(high),
+                     "n": n, "positive": bool(low > margin)})
     rule = (f"{what[0]} − {what[1]} (biased linear CKA, n={n} examples); a layer is positive when the lower end of its "
             f"{level:.0%} bootstrap interval (percentile, {n_boot} resamples of examples shared by all layers and models; "
             f"Bonferroni over {len(layers)} layers: per-layer level {1 - alpha:.4f}) is above {margin:g}.")
@@ -235,4 +261,29 @@ def paper_pair(tuned: Mapping[str, Acts], base: Mapping[str, Acts], controls: Ma
     what = (f"CKA({tuned_label}, control)", f"CKA({base_label}, control)")
     parts = [cka_difference_by_layer((tuned[t], controls[t]), (base[t], controls[t]), task=t, n_boot=n_boot, level=level,
                                      margin=margin, seed=seed, what=what) for t in controls]
+    return _concat(parts, what)
+
+
+def paper_pair_vs_null(tuned: Mapping[str, Acts], base: Mapping[str, Acts], controls: Mapping[str, Acts],
+                       nulls: Mapping[str, Acts], *, n_boot: int = 1000, level: float = 0.95, margin: float = 0.0,
+                       seed: int = 0) -> LayerDifference:
+    """Which of the paper's gains survive the null: ``[CKA(T,C_t) − CKA(B,C_t)] − [CKA(T,N_t) − CKA(B,N_t)]``.
+
+    Positive layers are where the tuned model moved toward the task control by more than it moved
+    toward the null control (trained on the same prompts with shuffled answers).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> acts = {"t": {0: rng.normal(size=(20, 3))}}
+        >>> paper_pair_vs_null(acts, acts, acts, acts, n_boot=100).task_specific_layers()
+        []
+    """
+    tasks = [t for t in controls if t in nulls]
+    if not tasks:
+        raise ValueError("paper_pair_vs_null needs tasks that have both a control and a null control")
+    what = ("gain over base with the task control", "gain over base with the null control")
+    parts = [cka_contrast_by_layer([(1.0, tuned[t], controls[t]), (-1.0, base[t], controls[t]), (-1.0, tuned[t], nulls[t]),
+                                    (1.0, base[t], nulls[t])], columns=("cka_tuned_control", "cka_base_control",
+                                                                        "cka_tuned_null", "cka_base_null"),
+                                   task=t, n_boot=n_boot, level=level, margin=margin, seed=seed, what=what) for t in tasks]
     return _concat(parts, what)
