@@ -131,7 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=int, metavar="N", help=_help("random neuron sets per ablation row", "seeds"))
     g.add_argument("--ablation-mode", choices=ABLATION_MODES, help=_help("how neurons are switched off", "ablation_mode"))
     g.add_argument("--seed", type=int, metavar="N", help=_help("seed of splits, sampling and training", "seed"))
+    _add_layer_map_options(m)
     return parser
+
+
+def _add_layer_map_options(m: argparse.ArgumentParser) -> None:
+    """Null controls and the multi-task base-vs-tuned pair of the layer map (:mod:`tl_taskmap.layer_map_stage`)."""
+    from tl_taskmap.report_config import MULTITASK_MODES
+
+    g = m.add_argument_group("layer map: null controls and the multi-task pair")
+    g.add_argument("--null-controls", action=argparse.BooleanOptionalAction,
+                   help=_help("train a null control (shuffled answers) per control model", "null_controls"))
+    g.add_argument("--layer-map-boot", type=int, metavar="N", help=_help("bootstrap resamples of the layer-map intervals", "layer_map_boot"))
+    g.add_argument("--multitask", choices=MULTITASK_MODES,
+                   help=_help("multi-task fine-tune of the model as the paper's tuned model: use a cached one (auto), "
+                              "train it if needed (train), or not (off); --second-model takes precedence", "multitask"))
+    g.add_argument("--multitask-steps", type=int, metavar="N", help=_help("fine-tuning steps of the multi-task model", "multitask_steps"))
+    g.add_argument("--multitask-lr", type=float, metavar="LR", help=_help("learning rate of the multi-task model", "multitask_lr"))
+    g.add_argument("--multitask-held-out", action="extend", nargs="+", metavar="TASK",
+                   help="tasks kept out of multi-task training (the paper's unseen tasks)")
+    g.add_argument("--multitask-cache", type=_optional, metavar="DIR",
+                   help="folder of the multi-task model cache (default: the asset cache, $TL_TASKMAP_CACHE)")
 
 
 def config_from_args(args: argparse.Namespace) -> MapConfig:

@@ -365,7 +365,7 @@ def left_out(config: Any, selection: Any, control_tasks: Sequence[str]) -> list[
     """Plain-language list of the comparisons a run could not make, and why."""
     notes = []
     if not config.second_model:
-        notes.append("No base (pre-trained) model was given (the embedded SmolLM2-135M is instruction-tuned and no same-family "
+        notes.append("No base (pre-trained) model was compared (the embedded SmolLM2-135M is instruction-tuned and no same-family "
                      "base loads offline). The names shared / transition / refinement need a base + tuned pair (--second-model, or "
                      "the multi-task fine-tune); without one the page shows the layers fine-tuning leaves unchanged and where task "
                      "controls depart from the model more than null controls do.")
