@@ -271,6 +271,9 @@ def _multitask(run: _Run) -> Any:
     from tl_taskmap.neurons.multitask import multitask_model
 
     cfg = run.config
+    unknown = sorted(set(cfg.multitask_held_out) - set(run.selection.names))
+    if unknown:
+        raise ConfigError(f"multitask_held_out names tasks {unknown} that this run does not have; its tasks: {run.selection.names}")
     if cfg.second_model or cfg.multitask == "off" or (cfg.multitask == "auto" and not _multitask_cached(cfg, run.selection)):
         return None
     return multitask_model(run.model, run.selection, cache_dir=_multitask_cache(cfg), held_out=cfg.multitask_held_out,
