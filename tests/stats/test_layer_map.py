@@ -93,6 +93,7 @@ def _last_token_layers(model, task):
     return capture(model, task.prompts, sites="resid_post", reduce="last", progress=False).stack("resid_post").double().numpy()
 
 
+@pytest.mark.slow
 def test_layer_map_rule_finds_task_layers_for_a_learned_task_and_none_for_a_shuffled_control():
     """The issue's acceptance test on a tiny GPT-2 bridge.
 

@@ -76,6 +76,7 @@ def test_multitask_cache_reuse_and_invalidation(tmp_path, suites, base):
     assert multitask_model(base, selection, **kw, held_out=["first_letter"]).trained_on == ["last_letter"]
 
 
+@pytest.mark.slow
 def test_paper_pair_end_to_end_on_a_multitask_model(tmp_path, suites, base):
     """Multi-task model trained on both tasks (it must learn them), controls + null controls, the pair, the null
     pair, the section rule with its thresholds, and the held-out (unseen) task marked."""
@@ -115,6 +116,7 @@ def test_paper_pair_end_to_end_on_a_multitask_model(tmp_path, suites, base):
     (tmp_path / "meta.json").write_text(json.dumps(meta, default=str))  # JSON-able
 
 
+@pytest.mark.slow
 def test_report_uses_the_multitask_pair_and_guards_artefacts(tmp_path):
     """map_model with multitask='train' on a tiny model: the page names sections only for the pair, prints the
     rule and the 'how this differs' box; with 2 tasks the centred cosine is left out with its reason; capped
