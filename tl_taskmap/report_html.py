@@ -152,7 +152,7 @@ def _layers_section(fig: _Figures, stats: Any, has_second: bool, controls: list[
 
 
 def _sampled_per_task(stats: Any) -> dict[str, int]:
-    return {t: len(info.get("sample_index") or []) or int(info.get("n_examples", 0)) for t, info in stats.tasks.items()}
+    return {t: len(info.get("sample_index", [])) or int(info.get("n_examples", 0)) for t, info in stats.tasks.items()}
 
 
 def _dims_html(fig: _Figures, stats: Any) -> str:
@@ -418,7 +418,7 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
     neurons_html = _neurons_section(fig, out, config.k, config.per_layer)
     ablation_html = _ablation_section(fig, matrix, spec, config.per_layer)
     findings = _findings(baseline, spec, pd.read_csv(out / "neurons" / "jaccard.csv", index_col=0), config.k, sections,
-                         _read(out / "relevance_by_layer.csv"), bool(config.second_model))
+                         _read(out / "relevance_by_layer.csv"), bool(config.second_model) or sections is not None)
     model_name = config.model or "SmolLM2-135M-Instruct (embedded)"
     timing = pd.DataFrame([{"stage": n, "reused": bool(r.get("cached")), "seconds (when computed)": r["seconds"]} for n, r in stages.items()])
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "report.html")
