@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, metavar="N", help=_help("seed of splits, sampling and training", "seed"))
     g.add_argument("--selection", nargs="*", choices=SELECTION_METHODS, metavar="METHOD",
                    help=_help(f"selection methods to compare side by side ({', '.join(SELECTION_METHODS)}); none: skip", "selection"))
+    _add_layer_map_options(m)
     t = sub.add_parser("tasks", help="list the built-in tasks (cluster, metric, size, chance, zero-shot score)",
                        description="List the built-in tasks: cluster, metric, number of examples in the source, chance "
                                    "accuracy and the embedded SmolLM2-135M-Instruct's measured zero-shot score (64 examples, "
@@ -175,6 +176,25 @@ def list_tasks(sizes: bool = True, as_json: bool = False) -> int:
     print("\nzero_shot: the embedded model's score (accuracy, or exact match for generation) on 64 examples; chance: "
           "guessing among the options. Map some with: tl-taskmap map --task-names NAME ... (and --tasks for your own).")
     return 0
+
+
+def _add_layer_map_options(m: argparse.ArgumentParser) -> None:
+    """Null controls and the multi-task base-vs-tuned pair of the layer map (:mod:`tl_taskmap.layer_map_stage`)."""
+    from tl_taskmap.report_config import MULTITASK_MODES
+
+    g = m.add_argument_group("layer map: null controls and the multi-task pair")
+    g.add_argument("--null-controls", action=argparse.BooleanOptionalAction,
+                   help=_help("train a null control (shuffled answers) per control model", "null_controls"))
+    g.add_argument("--layer-map-boot", type=int, metavar="N", help=_help("bootstrap resamples of the layer-map intervals", "layer_map_boot"))
+    g.add_argument("--multitask", choices=MULTITASK_MODES,
+                   help=_help("multi-task fine-tune of the model as the paper's tuned model: use a cached one (auto), "
+                              "train it if needed (train), or not (off); --second-model takes precedence", "multitask"))
+    g.add_argument("--multitask-steps", type=int, metavar="N", help=_help("fine-tuning steps of the multi-task model", "multitask_steps"))
+    g.add_argument("--multitask-lr", type=float, metavar="LR", help=_help("learning rate of the multi-task model", "multitask_lr"))
+    g.add_argument("--multitask-held-out", action="extend", nargs="+", metavar="TASK",
+                   help="tasks kept out of multi-task training (the paper's unseen tasks)")
+    g.add_argument("--multitask-cache", type=_optional, metavar="DIR",
+                   help="folder of the multi-task model cache (default: the asset cache, $TL_TASKMAP_CACHE)")
 
 
 def config_from_args(args: argparse.Namespace) -> MapConfig:

@@ -18,7 +18,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_cka_boxes", "plot_cka_curves", "plot_dims_for_99", "plot_task_similarity", "plot_task_embedding"]
+__all__ = ["plot_cka_boxes", "plot_cka_curves", "plot_dims_for_99", "plot_task_similarity", "plot_task_embedding",
+           "plot_layer_difference", "plot_pair_gain"]
 
 SECTION_COLOURS = {"shared": "#9e9e9e", "transition": "#ff9800", "refinement": "#2196f3"}
 
@@ -125,12 +126,17 @@ def plot_cka_curves(stats: Any, pairs: Optional[Sequence[Union[tuple[str, str], 
 
 
 def plot_dims_for_99(stats: Any, models: Optional[Sequence[str]] = None, *, task: Optional[str] = None,
-                     site: Optional[str] = None, ax: Any = None) -> Any:
+                     site: Optional[str] = None, ax: Any = None, cap: Optional[tuple[Any, int]] = None) -> Any:
     """Dimensions explaining 99% of the variance per layer, one line per model (band: min–max over tasks).
+
+    ``cap=(n_examples per task, d)``: counts at ``min(n − 1, d)`` are drawn as crosses and left out of the
+    line (a capped count reflects the sample size, not the layer).
 
     Example:
         >>> fig = plot_dims_for_99(stats, ["sft", "base"])   # doctest: +SKIP
     """
+    if cap is not None:
+        return _plot_dims_capped(stats, models, task, site, ax, cap)
     models = list(stats.models if models is None else models)
     fig, (ax,) = _new_axes(ax, (6.0, 3.5))
     for model, colour in zip(models, _colours(len(models))):
@@ -144,6 +150,72 @@ def plot_dims_for_99(stats: Any, models: Optional[Sequence[str]] = None, *, task
     ax.set(xlabel="layer", ylabel="dims for 99% variance",
            title=f"Dimensions for 99% variance ({task or 'mean over tasks'})")
     ax.legend(fontsize="small")
+    return fig
+
+
+def _plot_dims_capped(stats: Any, models: Optional[Sequence[str]], task: Optional[str], site: Optional[str], ax: Any,
+                      cap: tuple[Any, int]) -> Any:
+    from tl_taskmap.stats.spectral import capped_dims
+
+    models = list(stats.models if models is None else models)
+    fig, (ax,) = _new_axes(ax, (6.0, 3.5))
+    n_by_task, d = cap
+    for model, colour in zip(models, _colours(len(models))):
+        table = stats.spectrum_by_task(model, "dims_99", site)
+        if task is not None:
+            table = table.loc[[task]]
+        layers, values = np.asarray(table.columns), table.to_numpy(np.float64)
+        n = np.asarray(n_by_task)[: len(table)] if task is None else np.asarray([stats.tasks[task]["n_examples"]])
+        capped = capped_dims(values, n[:, None], d)
+        shown = np.where(capped, np.nan, values)
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(shown, 0)
+        ax.plot(layers, mean, marker="o", color=colour, label=f"{model} (uncapped tasks)")
+        rows, cols = np.nonzero(capped)
+        if rows.size:
+            ax.scatter(layers[cols], values[rows, cols], marker="x", color=colour, label=f"{model}: at cap min(n−1, d)")
+    ax.set(xlabel="layer", ylabel="dims for 99% variance", title=f"Dimensions for 99% variance ({task or 'mean over tasks'})")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_layer_difference(frame: pd.DataFrame, *, ylabel: str = "difference", ax: Any = None) -> Any:
+    """A ``LayerDifference`` table (task, layer, diff, low, high, positive): one line per task with its interval band.
+
+    Example:
+        >>> fig = plot_layer_difference(task_vs_null(...).frame)   # doctest: +SKIP
+    """
+    fig, (ax,) = _new_axes(ax, (6.5, 3.6))
+    tasks = list(dict.fromkeys(frame["task"]))
+    for name, colour in zip(tasks, _colours(len(tasks))):
+        rows = frame[frame["task"] == name].sort_values("layer")
+        unseen = bool(rows["unseen"].any()) if "unseen" in rows else False
+        ax.plot(rows["layer"], rows["diff"], color=colour, linestyle="--" if unseen else "-",
+                label=name + (" (unseen)" if unseen else ""))
+        ax.fill_between(rows["layer"], rows["low"], rows["high"], color=colour, alpha=0.15, linewidth=0)
+        hit = rows[rows["positive"]]
+        ax.scatter(hit["layer"], hit["diff"], color=colour, zorder=3, s=18)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set(xlabel="layer", ylabel=ylabel)
+    _integer_layers(ax)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_pair_gain(frames: dict[str, pd.DataFrame]) -> Any:
+    """Gain of the tuned model over the base in CKA with the controls (``pair``) and the null controls (``null_pair``).
+
+    Example:
+        >>> fig = plot_pair_gain({"pair": pair_frame, "null_pair": null_frame})   # doctest: +SKIP
+    """
+    fig, axes = _new_axes(None, (6.0, 3.6), n=len(frames))
+    for ax, (name, frame) in zip(axes, frames.items()):
+        plot_layer_difference(frame, ylabel="CKA(tuned, C) − CKA(base, C)", ax=ax)
+        ax.set_title("task controls" if name == "pair" else "null controls")
     return fig
 
 

@@ -296,7 +296,54 @@ def _layers(run: _Run) -> tuple[list[str], dict]:
         _layer_table(stats).to_csv(run.path("layers", "layer_stats.csv"), index=False)
     stats.save(run.folder("layers", "stats"))
     run.path("layers", "controls.json").write_text(json.dumps(records, indent=1, default=str))
-    return ["layers/stats", "layers/layer_stats.csv", "layers/controls.json"], {"control_tasks": sorted(controls)}
+    layer_map = _layer_map(run, controls) if controls else {"files": []}
+    return (["layers/stats", "layers/layer_stats.csv", "layers/controls.json"] + [f"layers/{f}" for f in layer_map["files"]],
+            {"control_tasks": sorted(controls), "layer_map_pair": layer_map.get("pair")})
+
+
+def _multitask(run: _Run) -> Any:
+    """The multi-task fine-tune of the model (the paper's pair), or None (off, a second model given, or not cached)."""
+    from tl_taskmap.neurons.multitask import multitask_model
+
+    cfg = run.config
+    unknown = sorted(set(cfg.multitask_held_out) - set(run.selection.names))
+    if unknown:
+        raise ConfigError(f"multitask_held_out names tasks {unknown} that this run does not have; its tasks: {run.selection.names}")
+    if cfg.second_model or cfg.multitask == "off" or (cfg.multitask == "auto" and not _multitask_cached(cfg, run.selection)):
+        return None
+    return multitask_model(run.model, run.selection, cache_dir=_multitask_cache(cfg), held_out=cfg.multitask_held_out,
+                           steps=cfg.multitask_steps, lr=cfg.multitask_lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                           progress=run.progress, log=run.log)
+
+
+def _multitask_cache(cfg: MapConfig) -> Path:
+    from tl_taskmap.embedded import cache_root
+
+    return Path(cfg.multitask_cache).expanduser() if cfg.multitask_cache else cache_root()
+
+
+def _multitask_cached(cfg: MapConfig, selection: Any) -> bool:
+    from tl_taskmap.neurons.multitask import cached_multitask_keys, multitask_settings
+
+    settings = multitask_settings(cfg.multitask_steps, cfg.multitask_lr, cfg.batch_size, cfg.seed, cfg.multitask_held_out)
+    return bool(cached_multitask_keys(_multitask_cache(cfg), list(selection), settings))
+
+
+def _layer_map(run: _Run, controls: dict[str, Any]) -> dict:
+    """Null controls, task-vs-null differences and the base-vs-tuned pair (:mod:`tl_taskmap.layer_map_stage`)."""
+    from tl_taskmap.layer_map_stage import build_layer_map
+    from tl_taskmap.models import SITE_ALIASES
+
+    cfg = run.config
+    sets = load_neuron_sets(run.out, list(controls)) if cfg.control_neurons == "task" else None
+    kind = next((SITE_ALIASES.get(s, s) for s in cfg.sites if not s.startswith("blocks.")), "resid_post")
+    _drop_stale_captures(run.model)
+    return build_layer_map(run.model, run.selection, run.evaluation, controls, folder=run.folder("layers"), second=run.second,
+                           multitask=_multitask(run), null_controls=cfg.null_controls, neurons=sets,
+                           control_settings=dict(steps=cfg.control_steps, lr=cfg.control_lr, batch_size=cfg.batch_size,
+                                                 seed=cfg.seed, progress=False),
+                           n_boot=cfg.layer_map_boot, seed=cfg.seed, site=kind, reduce=cfg.reduce, batch_size=cfg.batch_size,
+                           log=run.log, bar=run.bar)
 
 
 def _layer_table(stats: Any) -> Any:
@@ -471,8 +518,11 @@ def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], 
     inputs["neurons"] = {"relevance": stages["relevance"]["hash"], **config.parts("k", "per_layer")}
     stages["neurons"] = store.run("neurons", inputs["neurons"], lambda: _neurons(run), log)
     inputs["layers"] = {**model_id, **tasks_id, **config.parts("second_model", "sites", "reduce", "train_controls", "control_steps",
-                                                              "control_lr", "control_neurons", "control_models", "seed"),
+                                                              "control_lr", "control_neurons", "control_models", "seed",
+                                                              "null_controls", "layer_map_boot", "multitask", "multitask_steps",
+                                                              "multitask_lr", "multitask_held_out"),
                         "second_model": second_id, "control_models": {t: model_fingerprint(f) for t, f in config.control_models.items()},
+                        "multitask_cached": config.multitask == "auto" and not config.second_model and _multitask_cached(config, run.selection),
                         "neurons": stages["neurons"]["hash"] if config.control_neurons == "task" else None}
     stages["layers"] = store.run("layers", inputs["layers"], lambda: _layers(run), log)
     inputs["ablation"] = {"neurons": stages["neurons"]["hash"], **model_id, **tasks_id, **config.parts("seeds", "ablation_mode", "seed"), "tests": 2}

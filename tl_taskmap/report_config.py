@@ -72,6 +72,14 @@ class MapConfig:
         selection: Selection methods compared side by side (``gradxact``, ``contrastive``, ``specific``,
             ``exclusive``; empty: no comparison). The task sets of the other stages are always ``gradxact``.
         device, dtype, batch_size, seed: Where and how things run; ``seed`` fixes splits and training.
+        null_controls: Train a *null control* per control model (same fine-tuning, shuffled answers); the layer
+            map then reports where the task control departs from the model more than the null does.
+        layer_map_boot: Bootstrap resamples of examples for the layer-map intervals (≥ 100).
+        multitask: The paper's base-vs-tuned pair from a multi-task fine-tune of the model on the selection
+            splits: ``"auto"`` (use it when one is cached), ``"train"`` (train it if needed), ``"off"``.
+            ``second_model`` takes precedence. multitask_steps, multitask_lr: its fine-tuning budget.
+        multitask_held_out: Tasks kept out of the multi-task training (the paper's unseen tasks).
+        multitask_cache: Folder of the multi-task model cache (default: the asset cache, ``$TL_TASKMAP_CACHE``).
 
     Example:
         >>> cfg = MapConfig(out="report", k=0.05, seeds=2)
@@ -108,6 +116,13 @@ class MapConfig:
     dtype: str = "float32"
     batch_size: int = 8
     seed: int = 0
+    null_controls: bool = True
+    layer_map_boot: int = 1000
+    multitask: str = "auto"
+    multitask_steps: int = 100
+    multitask_lr: float = 1e-4
+    multitask_held_out: list[str] = field(default_factory=list)
+    multitask_cache: Optional[str] = None
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "MapConfig":
@@ -127,6 +142,7 @@ class MapConfig:
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"{name} must be an integer ≥ {low}, got {value!r}")
         _check(isinstance(self.control_lr, (int, float)) and not isinstance(self.control_lr, bool) and math.isfinite(self.control_lr)
                and self.control_lr > 0, f"control_lr must be positive and finite (e.g. 1e-4), got {self.control_lr!r}")
+        _check_layer_map_fields(self)
         for name, options in (("dtype", DTYPES), ("reduce", REDUCTIONS), ("ablation_mode", ABLATION_MODES), ("control_neurons", CONTROL_NEURONS)):
             _check(getattr(self, name) in options, f"{name} must be one of {options}, got {getattr(self, name)!r}")
         _check(isinstance(self.heads, bool), f"heads must be true or false, got {self.heads!r}")
@@ -229,6 +245,23 @@ def _check_writable_out(out: Path, given: str) -> None:
         existing = existing.parent
     _check(existing.is_dir(), f"out={given!r} cannot be created: {existing} is a file, not a folder; choose another --out")
     _check(os.access(existing, os.W_OK | os.X_OK), f"out={given!r}: {existing} is not writable (read-only?); choose a writable --out")
+
+
+MULTITASK_MODES = ("auto", "train", "off")
+
+
+def _check_layer_map_fields(config: MapConfig) -> None:
+    _check(isinstance(config.null_controls, bool), f"null_controls must be true or false, got {config.null_controls!r}")
+    for name, low in (("layer_map_boot", 100), ("multitask_steps", 1)):
+        value = getattr(config, name)
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"{name} must be an integer ≥ {low}, got {value!r}")
+    _check(isinstance(config.multitask_lr, (int, float)) and config.multitask_lr > 0, f"multitask_lr must be positive, got {config.multitask_lr!r}")
+    _check(config.multitask in MULTITASK_MODES, f"multitask must be one of {MULTITASK_MODES}, got {config.multitask!r}")
+    _check(isinstance(config.multitask_held_out, (list, tuple)) and all(isinstance(t, str) for t in config.multitask_held_out),
+           f"multitask_held_out must be a list of task names, got {config.multitask_held_out!r}")
+    if config.multitask_cache is not None:
+        path = Path(config.multitask_cache).expanduser()
+        _check(not path.exists() or path.is_dir(), f"multitask_cache={config.multitask_cache!r} exists and is not a folder")
 
 
 def _check_device(device: str) -> None:

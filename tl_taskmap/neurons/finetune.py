@@ -294,6 +294,28 @@ def finetune(
 # ---------------------------------------------------------------------------------------- control models
 
 
+def copy_model(model: Any) -> Any:
+    """A deep copy of the model's network, safe on a TransformerLens 4.3 bridge that was trained before.
+
+    A deep-copied TransformerBridge keeps the original's ``ln1`` pre-hook closures, which write the pre-LN
+    residual onto the *original* model's attention bridges; after training a copy, that value holds an
+    autograd graph and ``copy.deepcopy`` fails. The bridge clears this transient value itself after every
+    block's forward, so clearing it first is the same operation. Likewise any cached tensor attribute that
+    still holds an autograd graph (the attention bridge's last ``_pattern``) is detached first.
+
+    Example:
+        >>> twin = copy_model(model)   # doctest: +SKIP
+    """
+    net = as_adapter(model).model
+    for module in net.modules():
+        if getattr(module, "_captured_pre_ln_residual", None) is not None:
+            module._captured_pre_ln_residual = None
+        for key, value in list(vars(module).items()):  # e.g. a cached attention ``_pattern`` from a training step
+            if isinstance(value, Tensor) and value.grad_fn is not None:
+                setattr(module, key, value.detach())
+    return copy.deepcopy(net)
+
+
 def train_control_model(base_model: Any, task: Task, *, neurons: NeuronSpec = None, return_result: bool = False,
                         **finetune_kwargs: Any) -> Any:
     """A deep copy of ``base_model`` fine-tuned on one task: the per-task control model C_t.
@@ -307,9 +329,54 @@ def train_control_model(base_model: Any, task: Task, *, neurons: NeuronSpec = No
     Example:
         >>> control = train_control_model(model, suite["sst2"], steps=30, lr=1e-4)   # doctest: +SKIP
     """
-    copy_ = copy.deepcopy(as_adapter(base_model).model)
+    copy_ = copy_model(base_model)
     result = finetune(copy_, task, neurons, **finetune_kwargs)
     return (copy_, result) if return_result else copy_
+
+
+def shuffled_answers(task: Task, seed: int = 0) -> Task:
+    """``task`` with its answers permuted across examples: the training data of a *null control*.
+
+    Prompts stay in place; example ``i`` gets the answer of example ``perm[i]`` (a seeded permutation),
+    so the answer distribution is unchanged but no longer depends on the prompt. For multiple choice
+    the permuted *label* (option index, modulo this example's option count) is used, so every target
+    stays among its example's options.
+
+    Example:
+        >>> from tl_taskmap.tasks import Task
+        >>> t = Task.from_lists("t", ["a", "b", "c", "d"], [" x", " y", " x", " y"], options=[" x", " y"])
+        >>> sorted(shuffled_answers(t, seed=1).targets) == sorted(t.targets)
+        True
+    """
+    from dataclasses import replace
+
+    from tl_taskmap.tasks import Example
+
+    perm = torch.randperm(len(task), generator=torch.Generator().manual_seed(seed)).tolist()
+    examples = []
+    for example, source in zip(task.examples, (task.examples[j] for j in perm)):
+        if example.options:
+            label = source.label if source.label is not None else 0
+            examples.append(Example(example.prompt, example.options[label % len(example.options)], example.options))
+        else:
+            examples.append(Example(example.prompt, source.target, None))
+    return replace(task, name=f"{task.name} (shuffled answers)", examples=examples,
+                   meta={**task.meta, "shuffled_answers_seed": seed})
+
+
+def train_null_control_model(base_model: Any, task: Task, *, shuffle_seed: int = 0, neurons: NeuronSpec = None,
+                             return_result: bool = False, **finetune_kwargs: Any) -> Any:
+    """A *null control*: :func:`train_control_model` on ``task``'s prompts with shuffled answers.
+
+    Same fine-tuning as the task control (pass the same keyword arguments), but the answers carry no
+    information about the prompts (:func:`shuffled_answers`), so whatever it changes in the model is what
+    any fine-tune of this length on these prompts changes. The base model is never changed.
+
+    Example:
+        >>> null = train_null_control_model(model, suite["sst2"], steps=30, lr=1e-4)   # doctest: +SKIP
+    """
+    return train_control_model(base_model, shuffled_answers(task, shuffle_seed), neurons=neurons,
+                               return_result=return_result, **finetune_kwargs)
 
 
 def _combined_fingerprint(model: Any) -> str:
@@ -404,4 +471,5 @@ def load_control_model(base_model: Any, path: str | os.PathLike, *, check_base: 
 
 
 __all__ = ["FinetuneResult", "UpdateMask", "trainable_neurons", "finetune", "train_control_model",
+           "shuffled_answers", "train_null_control_model", "copy_model",
            "save_control_model", "load_control_model", "CONTROL_FORMAT_VERSION"]

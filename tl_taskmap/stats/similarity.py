@@ -25,9 +25,45 @@ from jaxtyping import Float
 
 from .cka import feature_space_linear_cka
 
-__all__ = ["cosine_similarity_matrix", "cross_task_linear_cka", "pca_2d", "tsne_2d", "embed_2d"]
+__all__ = ["cosine_similarity_matrix", "cross_task_linear_cka", "pca_2d", "tsne_2d", "embed_2d",
+           "centred_cosine_omitted", "embedding_omitted", "MIN_TASKS_FOR_CENTRED_COSINE", "MIN_POINTS_PER_TASK_FOR_TSNE"]
 
 EmbeddingMethod = Literal["tsne", "pca"]
+
+#: Centring on the mean of k task means leaves k − 1 degrees of freedom: with 2 tasks the two centred
+#: means are ``+v`` and ``−v``, so their cosine is −1 at every layer by construction.
+MIN_TASKS_FOR_CENTRED_COSINE = 3
+#: Fewer points per task than this and a t-SNE picture shows the perplexity, not the representation.
+MIN_POINTS_PER_TASK_FOR_TSNE = 30
+
+
+def centred_cosine_omitted(n_tasks: int) -> str | None:
+    """Why a cosine of *centred* task means is not shown for ``n_tasks`` tasks (None when it can be).
+
+    >>> centred_cosine_omitted(2).split(":")[0]
+    'Cosine of centred task means'
+    >>> centred_cosine_omitted(3) is None
+    True
+    """
+    if n_tasks >= MIN_TASKS_FOR_CENTRED_COSINE:
+        return None
+    return (f"Cosine of centred task means: needs ≥ {MIN_TASKS_FOR_CENTRED_COSINE} tasks, this run has {n_tasks}. "
+            "Centred on their own mean, two task means are v and −v, so their cosine is −1 at every layer by "
+            "construction, not a finding.")
+
+
+def embedding_omitted(points_per_task: dict[str, int], minimum: int = MIN_POINTS_PER_TASK_FOR_TSNE) -> str | None:
+    """Why a t-SNE of per-example points is not shown (None when every task has ``minimum`` points).
+
+    >>> "b (40)" in embedding_omitted({"a": 12, "b": 40})
+    False
+    """
+    few = {t: n for t, n in points_per_task.items() if n < minimum}
+    if not few:
+        return None
+    listed = ", ".join(f"{t} ({n})" for t, n in few.items())
+    return (f"t-SNE: needs ≥ {minimum} points per task to show structure rather than the perplexity setting; "
+            f"too few for {listed} (raise --examples).")
 
 
 def cosine_similarity_matrix(

@@ -17,7 +17,33 @@ from torch import Tensor
 
 from .cka import FORMAT_VERSION, SafetensorsState, _as_float64_rows, check_format_version
 
-__all__ = ["StreamingCovariance", "dims_for_variance_from_eigenvalues"]
+__all__ = ["StreamingCovariance", "dims_for_variance_from_eigenvalues", "dims_cap", "capped_dims"]
+
+
+def dims_cap(n_examples: int, d: int) -> int:
+    """The most dimensions a ``dims_for_variance`` count can reach: ``min(n − 1, d)``.
+
+    n examples span at most n − 1 directions after mean-centring, so at small n the 99% count sits at
+    n − 1 whatever the layer does: it is then a property of the sample size, not a finding.
+
+    >>> dims_cap(12, 576), dims_cap(1000, 576)
+    (11, 576)
+    """
+    if n_examples < 1 or d < 1:
+        raise ValueError(f"dims_cap needs n_examples ≥ 1 and d ≥ 1, got {n_examples}, {d}")
+    return min(n_examples - 1, d)
+
+
+def capped_dims(dims: Float[np.ndarray, "*shape"], n_examples: Float[np.ndarray, "*shape"] | int, d: int,
+                slack: int = 0) -> np.ndarray:
+    """Boolean mask of counts that reached the cap ``min(n − 1, d) − slack`` (not readable as a trend).
+
+    >>> capped_dims(np.array([3, 11, 11]), 12, 576).tolist()
+    [False, True, True]
+    """
+    n = np.broadcast_to(np.asarray(n_examples), np.shape(dims))
+    cap = np.minimum(n - 1, d) - slack
+    return np.asarray(dims, dtype=np.float64) >= cap
 
 
 def dims_for_variance_from_eigenvalues(eigs: Float[np.ndarray, " k"] | Tensor, fraction: float = 0.99) -> int:
