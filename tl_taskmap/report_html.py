@@ -664,10 +664,11 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
     ablation_html = _ablation_section(fig, matrix, spec, config.per_layer)
     heads_html = _heads_section(fig, out, config.k, stages.get("heads"))
     findings = _findings(baseline, spec, pd.read_csv(out / "neurons" / "jaccard.csv", index_col=0), config.k, sections,
-                         _read(out / "relevance_by_layer.csv"), bool(config.second_model) or sections is not None)
+                         _read(out / "relevance_by_layer.csv"), bool(config.second_model) or sections is not None,
+                         effects=specificity_effects(matrix))
     model_name = config.model or "SmolLM2-135M-Instruct (embedded)"
     timing = pd.DataFrame([{"stage": n, "reused": bool(r.get("cached")), "seconds (when computed)": r["seconds"]} for n, r in stages.items()])
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "report.html")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "report.html" and not p.name.startswith("."))
     body = (
         f"<h1>Task map of {_esc(model_name)}</h1>"
         f"<p>{len(selection)} tasks ({_esc(', '.join(selection.names))}), {config.examples} examples each, top-k = {config.k:g}, "
