@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tl_taskmap.evaluate import evaluate_task
-from tl_taskmap.neurons.finetune import finetune
+from tl_taskmap.neurons.masked_training import finetune
 from tl_taskmap.neurons.ncft import compare_methods
 from tl_taskmap.tasks import Task
 
@@ -58,7 +58,7 @@ def prepare(tasks: list[Task], n_train: int, n_eval: int, seed: int) -> tuple[li
 
 
 def task_vs_random(model: Any, train: list[Task], held_out: list[Task], args: argparse.Namespace) -> list[dict[str, Any]]:
-    from tl_taskmap.neurons.relevance import relevance
+    from tl_taskmap.neurons.attribution import relevance
 
     rows = []
     for tr, ev in zip(train, held_out):

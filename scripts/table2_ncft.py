@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from tl_taskmap.evaluate import bootstrap_interval, evaluate_task
-from tl_taskmap.neurons.finetune import finetune
+from tl_taskmap.neurons.masked_training import finetune
 from tl_taskmap.neurons.selection import select_all
 from tl_taskmap.tasks import Task
 

@@ -4,7 +4,7 @@ import torch
 
 from tests import tiny_models
 from tests.helpers import assert_model_unchanged
-from tl_taskmap.capture import Activations, CallbackSink, DiskSink, capture, resolve_sites
+from tl_taskmap.activations import Activations, CallbackSink, DiskSink, capture, resolve_sites
 from tl_taskmap.models import as_adapter
 
 PROMPTS = ["the quick brown fox jumps", "a b", "good movie great", "0 1 2 + 3 = ?", "bad", "yes no maybe true"]
@@ -133,7 +133,7 @@ def test_resolve_sites_forms(bridge_llama):
 
 
 def test_accumulator_sink_matches_memory_capture(bridge_llama):
-    from tl_taskmap.capture import AccumulatorSink
+    from tl_taskmap.activations import AccumulatorSink
     from tl_taskmap.stats import StreamingCovariance
 
     mem = capture(bridge_llama, PROMPTS, "resid_post", batch_size=4, progress=False)

@@ -14,10 +14,10 @@ from tl_taskmap.tasks import Task
 
 @pytest.fixture(scope="module")
 def results():
-    from tl_taskmap.capture import capture
+    from tl_taskmap.activations import capture
     from tl_taskmap.evaluate import evaluate_task
-    from tl_taskmap.neurons.ablation_matrix import ablation_matrix
-    from tl_taskmap.neurons.relevance import relevance
+    from tl_taskmap.neurons.ablation_effects import ablation_matrix
+    from tl_taskmap.neurons.attribution import relevance
     from tl_taskmap.stats.runner import compare_models
     from tl_taskmap.tasks import TaskSuite
 
@@ -105,7 +105,7 @@ def test_report_colour_maps_read_in_greyscale():
 
 
 def test_ablation_figure_text_contrast_and_colour_bar_label_fit(results):
-    from tl_taskmap.neurons.ablation_matrix import plot_ablation_matrix
+    from tl_taskmap.neurons.ablation_effects import plot_ablation_matrix
     from tl_taskmap.plots import _new_axes
 
     matrix = results["matrix"]

@@ -74,7 +74,7 @@ def test_pack_round_trips_every_dtype_exactly():
 
 @pytest.mark.filterwarnings("ignore:biased CKA")
 def test_one_process_gives_the_plain_calls(bridge_llama, bridge_gpt2):
-    from tl_taskmap.neurons.relevance import relevance_by_task
+    from tl_taskmap.neurons.attribution import relevance_by_task
     from tl_taskmap.stats.runner import compare_models
 
     suite = common.suite()
@@ -179,7 +179,7 @@ def test_a_hung_rank_times_out_instead_of_hanging(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_give_the_single_process_statistics_and_relevance(tmp_path):
     """torchrun, 2 CPU ranks: CKA, spectra, means, samples and relevance as in one process (1e-10)."""
-    from tl_taskmap.neurons.relevance import RelevanceScores, relevance_by_task
+    from tl_taskmap.neurons.attribution import RelevanceScores, relevance_by_task
     from tl_taskmap.stats.results import LayerStats
     from tl_taskmap.stats.runner import compare_models
 
@@ -228,8 +228,8 @@ needs_tl4 = pytest.mark.skipif(not TL4, reason="disk offload in device_map needs
 
 
 def _capture_and_relevance(model, task):
-    from tl_taskmap.capture import capture
-    from tl_taskmap.neurons.relevance import relevance
+    from tl_taskmap.activations import capture
+    from tl_taskmap.neurons.attribution import relevance
 
     return capture(model, task.prompts, "resid_post", progress=False, batch_size=4), relevance(model, task, batch_size=4)
 

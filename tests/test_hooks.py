@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_model_unchanged
-from tl_taskmap.capture import capture
+from tl_taskmap.activations import capture
 from tl_taskmap.hooks import tl_hooks
 from tl_taskmap.models import as_adapter
 from tl_taskmap.neurons.ablation import ablate

@@ -12,10 +12,10 @@ import torch
 
 from tests import tiny_models
 from tests.helpers import assert_model_unchanged
-from tl_taskmap.capture import Capturer, capture
+from tl_taskmap.activations import Capturer, capture
 from tl_taskmap.driver import Driver, run_probes
 from tl_taskmap.models import as_adapter
-from tl_taskmap.neurons.relevance import GradXActRelevance, RelevanceProbe, relevance
+from tl_taskmap.neurons.attribution import GradXActRelevance, RelevanceProbe, relevance
 from tl_taskmap.probes import ActivationProbe, MeanActivationProbe, Probe
 from tl_taskmap.sites import resolve_sites
 from tl_taskmap.stats.probes import CKAProbe, CovarianceProbe, TaskMeanProbe

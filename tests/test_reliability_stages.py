@@ -23,7 +23,7 @@ import torch
 from tests import tiny_models
 from tests.test_report import tiny_config, write_tasks
 from tl_taskmap import cli, embedded
-from tl_taskmap.neurons.relevance import relevance
+from tl_taskmap.neurons.attribution import relevance
 from tl_taskmap.report import ConfigError, MapConfig, load_neuron_sets, load_relevance, map_model
 from tl_taskmap.report_config import load_suite
 from tl_taskmap.report_stages import OutLock, OutLockedError
@@ -109,7 +109,7 @@ KILLER = textwrap.dedent(
     torch.set_num_threads(1)
     from tl_taskmap import report_stages
     import importlib
-    relevance_module = importlib.import_module("tl_taskmap.neurons.relevance")
+    relevance_module = importlib.import_module("tl_taskmap.neurons.attribution")
     from tl_taskmap.report import MapConfig, map_model
 
     config, point, force = MapConfig.load(sys.argv[1]), sys.argv[2], sys.argv[3] == "force"

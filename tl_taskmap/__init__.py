@@ -4,7 +4,7 @@ The most used names are importable from the top level::
 
     from tl_taskmap import load_default_model, default_suite, capture, compare_models, relevance, ablate
 
-Submodules hold the rest: :mod:`tl_taskmap.models` (the adapter), :mod:`tl_taskmap.capture`,
+Submodules hold the rest: :mod:`tl_taskmap.models` (the adapter), :mod:`tl_taskmap.activations`,
 :mod:`tl_taskmap.stats`, :mod:`tl_taskmap.neurons`, :mod:`tl_taskmap.evaluate`, :mod:`tl_taskmap.tasks`.
 """
 
@@ -16,7 +16,7 @@ with _warnings.catch_warnings():
     _warnings.filterwarnings("ignore", message="IProgress not found")
     import tqdm.auto as _tqdm_auto  # noqa: F401
 
-from tl_taskmap.capture import Activations, capture
+from tl_taskmap.activations import Activations, capture
 from tl_taskmap.embedded import load_default_model, load_model
 from tl_taskmap.evaluate import evaluate_suite, evaluate_task
 from tl_taskmap.models import ModelAdapter, as_adapter

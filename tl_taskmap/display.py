@@ -1,8 +1,8 @@
 """Rich display in Jupyter: a compact HTML table and, where it helps, a small inline figure for each result object.
 
 The result classes (:class:`~tl_taskmap.sinks.Activations`, :class:`~tl_taskmap.stats.results.LayerStats`,
-:class:`~tl_taskmap.neurons.sets.NeuronSet`, :class:`~tl_taskmap.neurons.relevance.RelevanceScores`,
-:class:`~tl_taskmap.neurons.ablation_matrix.AblationMatrix`, :class:`~tl_taskmap.report.ReportResult`,
+:class:`~tl_taskmap.neurons.sets.NeuronSet`, :class:`~tl_taskmap.neurons.attribution.RelevanceScores`,
+:class:`~tl_taskmap.neurons.ablation_effects.AblationMatrix`, :class:`~tl_taskmap.report.ReportResult`,
 :class:`~tl_taskmap.evaluate.TaskScore`) each have a one-line ``_repr_html_`` calling a function here, so a
 notebook cell ending in one of them shows a table instead of a text repr. Everything is self-contained HTML
 (figures as base64 PNG); nothing here changes pyplot state.
@@ -139,7 +139,7 @@ def neuron_set_html(neurons: Any) -> str:
 
 
 def relevance_html(rel: Any) -> str:
-    """:class:`~tl_taskmap.neurons.relevance.RelevanceScores`: provenance and each layer's share of the relevance."""
+    """:class:`~tl_taskmap.neurons.attribution.RelevanceScores`: provenance and each layer's share of the relevance."""
     totals = rel.scores.sum(1).double()
     share = (totals / totals.sum()).numpy() if float(totals.sum()) > 0 else np.zeros(rel.n_layers)
     summary = pd.DataFrame([{"task": rel.name, "examples": rel.n_examples, "tokens": rel.n_tokens, "aggregate": rel.aggregate,
@@ -151,7 +151,7 @@ def relevance_html(rel: Any) -> str:
 
 
 def ablation_html(matrix: Any, *, cmap: str = "RdBu") -> str:
-    """:class:`~tl_taskmap.neurons.ablation_matrix.AblationMatrix`: the metric-change table, cells coloured (red: hurts)."""
+    """:class:`~tl_taskmap.neurons.ablation_effects.AblationMatrix`: the metric-change table, cells coloured (red: hurts)."""
     from matplotlib import colormaps
 
     table = matrix.delta_table()

@@ -8,7 +8,7 @@ accumulators are merged exactly:
   rows, same padding), so activations are bitwise the same and merged float64 statistics differ from
   a single process only in summation order (~1e-15 relative). ``by="tasks"`` gives whole tasks to ranks.
 * :func:`all_merge` merges any accumulator with ``state_dict()/from_state_dict()/merge()`` (CKA,
-  covariance), :class:`~tl_taskmap.neurons.relevance.RelevanceScores` and
+  covariance), :class:`~tl_taskmap.neurons.attribution.RelevanceScores` and
   :class:`~tl_taskmap.stats.results.LayerStats` over the process group, in rank order; every rank gets
   the identical result (merged once, then broadcast). Nothing is pickled: states travel as bytes in
   ``uint8`` tensors behind a JSON header.
@@ -680,13 +680,13 @@ def distributed_relevance(model: Any, tasks: Any, *, by: str = "examples", batch
 
     Every rank returns the same result, equal to ``relevance`` / ``relevance_by_task`` in one process
     up to float64 summation order. Keywords (``aggregate``, ``positions``, ``loss_fn``, ...) go to
-    :func:`~tl_taskmap.neurons.relevance.relevance`.
+    :func:`~tl_taskmap.neurons.attribution.relevance`.
 
     Example:
         >>> rels = distributed_relevance(model, suite, batch_size=16)   # doctest: +SKIP
         >>> sets = {name: r.top(0.1) for name, r in rels.items()}      # doctest: +SKIP
     """
-    from tl_taskmap.neurons.relevance import relevance
+    from tl_taskmap.neurons.attribution import relevance
     from tl_taskmap.tasks import Task, as_suite
 
     out = {}

@@ -3,9 +3,9 @@
 :func:`build_layer_map` takes the model, its task controls and the tasks, and
 
 1. trains a **null control** per task control: the same fine-tuning on the task's prompts with
-   shuffled answers (:func:`~tl_taskmap.neurons.finetune.train_null_control_model`);
+   shuffled answers (:func:`~tl_taskmap.neurons.masked_training.train_null_control_model`);
 2. captures the last-prompt-token residual stream of every model on each task's *evaluation* examples
-   (:func:`~tl_taskmap.capture.capture`), one ``[n, d]`` matrix per layer;
+   (:func:`~tl_taskmap.activations.capture`), one ``[n, d]`` matrix per layer;
 3. with one model: where the task control departs from the model more than the null control does
    (:func:`~tl_taskmap.stats.layer_map.task_vs_null`), and which layers any fine-tune leaves unchanged;
 4. with a base + tuned pair (``second`` = base given by the user, which takes precedence; else a
@@ -41,7 +41,7 @@ UNCHANGED_CKA = 0.95
 
 
 def _layers_of(model: Any, task: Any, site: str, reduce: str, batch_size: int) -> np.ndarray:
-    from tl_taskmap.capture import capture
+    from tl_taskmap.activations import capture
 
     acts = capture(model, task.prompts, sites=site, reduce=reduce, batch_size=batch_size, progress=False)
     return acts.stack(site).double().numpy()
@@ -91,7 +91,7 @@ def build_layer_map(
         A JSON-able dict (also written as ``layer_map.json``): ``pair`` (None, ``"second"`` or ``"multitask"``),
         ``files``, ``rules``, ``task_specific_layers``, ``unchanged_layers``, ``sections``, ``held_out``.
     """
-    from tl_taskmap.neurons.finetune import train_null_control_model
+    from tl_taskmap.neurons.masked_training import train_null_control_model
     from tl_taskmap.stats.layer_map import paper_pair, paper_pair_vs_null, task_vs_null
 
     folder = Path(folder)

@@ -436,7 +436,7 @@ def plot_parameter_similarity(frame: pd.DataFrame, *, ax: Any = None) -> Any:
 def plot_specificity(frame: pd.DataFrame, *, ax: Any = None) -> Any:
     """Per task: extra metric drop from ablating its own neurons vs random and vs other tasks' neurons, with 95% intervals.
 
-    ``frame`` is :func:`~tl_taskmap.neurons.ablation_matrix.specificity`'s. Positive: the task's own
+    ``frame`` is :func:`~tl_taskmap.neurons.ablation_effects.specificity`'s. Positive: the task's own
     neurons matter more for it than the comparison neurons.
 
     Example:

@@ -183,7 +183,7 @@ def _baseline(run: _Run) -> tuple[list[str], dict]:
 def _relevance(run: _Run) -> tuple[list[str], dict]:
     import pandas as pd
 
-    from tl_taskmap.neurons.relevance import relevance
+    from tl_taskmap.neurons.attribution import relevance
 
     files, rows = [], []
     if run.sharded:  # each rank takes a share of every task's examples; the sums are merged exactly
@@ -204,8 +204,8 @@ def _relevance(run: _Run) -> tuple[list[str], dict]:
 
 
 def load_relevance(out: Path, names: Sequence[str]) -> dict[str, Any]:
-    """Task → :class:`~tl_taskmap.neurons.relevance.RelevanceScores` saved by a run in ``out``."""
-    from tl_taskmap.neurons.relevance import RelevanceScores
+    """Task → :class:`~tl_taskmap.neurons.attribution.RelevanceScores` saved by a run in ``out``."""
+    from tl_taskmap.neurons.attribution import RelevanceScores
 
     return {n: RelevanceScores.load(out / "relevance" / f"{safe_name(n)}.safetensors") for n in names}
 
@@ -259,7 +259,7 @@ def _drop_stale_captures(model: Any) -> None:
 
 
 def _controls(run: _Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from tl_taskmap.neurons.finetune import load_control_model, save_control_model, train_control_model
+    from tl_taskmap.neurons.masked_training import load_control_model, save_control_model, train_control_model
 
     cfg = run.config
     controls = {task: load_control_model(run.model, folder) for task, folder in cfg.control_models.items()}
@@ -358,7 +358,7 @@ def _layer_table(stats: Any) -> Any:
 
 def _ablation(run: _Run) -> tuple[list[str], dict]:
     from tl_taskmap.neurons.ablation import mean_activations
-    from tl_taskmap.neurons.ablation_matrix import ablation_matrix, specificity
+    from tl_taskmap.neurons.ablation_effects import ablation_matrix, specificity
 
     cfg = run.config
     sets = load_neuron_sets(run.out, run.selection.names)
@@ -379,7 +379,7 @@ def _heads(run: _Run) -> tuple[list[str], dict]:
 def _selection(run: _Run) -> tuple[list[str], dict]:
     """Selection-method comparison (:mod:`tl_taskmap.neurons.selection_compare`), reusing gradxact's relevance and ablation matrix."""
     from tl_taskmap.neurons.ablation import mean_activations
-    from tl_taskmap.neurons.ablation_matrix import AblationMatrix
+    from tl_taskmap.neurons.ablation_effects import AblationMatrix
     from tl_taskmap.neurons.selection_compare import compare_selections
 
     cfg, names = run.config, run.selection.names
@@ -436,8 +436,8 @@ class ReportResult:
         return load_neuron_sets(self.out, self.stages["neurons"]["n_neurons"])
 
     def ablation(self) -> Any:
-        """The :class:`~tl_taskmap.neurons.ablation_matrix.AblationMatrix`."""
-        from tl_taskmap.neurons.ablation_matrix import AblationMatrix
+        """The :class:`~tl_taskmap.neurons.ablation_effects.AblationMatrix`."""
+        from tl_taskmap.neurons.ablation_effects import AblationMatrix
 
         return AblationMatrix.load(self.out / "ablation" / "matrix.json")
 

@@ -31,8 +31,7 @@ TASK_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class ConfigError(ValueError):
-    """A :class:`MapConfig` that cannot run; raised before any model is loaded."""
+from tl_taskmap.errors import ConfigError  # noqa: E402  (re-exported: tl_taskmap.report_config.ConfigError)
 
 
 @dataclass
@@ -45,7 +44,7 @@ class MapConfig:
             hub name, booted as a ``TransformerBridge``.
         second_model: Optional second model on the same inputs (e.g. the base model of ``model``):
             CKA between the two per layer, and the paper's base-vs-tuned layer sections.
-        control_models: Task name → folder saved by :func:`~tl_taskmap.neurons.finetune.save_control_model`.
+        control_models: Task name → folder saved by :func:`~tl_taskmap.neurons.masked_training.save_control_model`.
         train_controls: Train control models C_t for this many tasks (the first ones without a given
             control model); 0 for none. controls are cheap on CPU: few steps, short prompts.
         control_steps, control_lr: Fine-tuning budget of each trained control model.

@@ -3,7 +3,7 @@
 :func:`heads_stage` is called by :func:`tl_taskmap.report.map_model` (stage ``heads``, skipped with
 ``MapConfig(heads=False)`` / ``--no-heads``) and writes under ``<out>/heads/``:
 
-* ``relevance/<task>.safetensors`` (:class:`~tl_taskmap.neurons.head_relevance.HeadRelevanceScores`),
+* ``relevance/<task>.safetensors`` (:class:`~tl_taskmap.neurons.head_attribution.HeadRelevanceScores`),
   ``relevance_by_layer.csv`` (``task, cluster, layer, relevance_share``) and ``relevance_by_head.csv``
   (``task, layer, head, share``: each head's share of the task's total);
 * ``sets/<task>.json`` (top-``k`` :class:`~tl_taskmap.neurons.sets.HeadSet`, per layer as configured),
@@ -41,9 +41,9 @@ def heads_stage(run: Any) -> tuple[list[str], dict[str, Any]]:
     import pandas as pd
 
     from tl_taskmap.models import UnsupportedModelError
-    from tl_taskmap.neurons.ablation_matrix import ablation_matrix, specificity
+    from tl_taskmap.neurons.ablation_effects import ablation_matrix, specificity
     from tl_taskmap.neurons.head_ablation import head_mean_activations
-    from tl_taskmap.neurons.head_relevance import head_relevance
+    from tl_taskmap.neurons.head_attribution import head_relevance
     from tl_taskmap.neurons.heads import head_layout
     from tl_taskmap.neurons.overlap import jaccard_matrix
     from tl_taskmap.neurons.random_overlap import overlap_vs_random

@@ -318,7 +318,7 @@ def _neurons_section(fig: _Figures, out: Path, k: float, per_layer: bool) -> str
 
 def _ablation_section(fig: _Figures, matrix: Any, spec: pd.DataFrame, per_layer: bool) -> str:
     from tl_taskmap import plots
-    from tl_taskmap.neurons.ablation_matrix import plot_ablation_matrix
+    from tl_taskmap.neurons.ablation_effects import plot_ablation_matrix
 
     def heatmap() -> Any:
         table = matrix.delta_table()
@@ -419,7 +419,7 @@ def _specificity_display(spec: pd.DataFrame) -> pd.DataFrame:
 def _heads_section(fig: _Figures, out: Path, k: float, record: Optional[dict]) -> str:
     """The attention-head section (stage ``heads``); empty when the stage did not run."""
     from tl_taskmap import plots
-    from tl_taskmap.neurons.ablation_matrix import AblationMatrix, plot_ablation_matrix
+    from tl_taskmap.neurons.ablation_effects import AblationMatrix, plot_ablation_matrix
 
     if record is None:
         return ""
@@ -643,7 +643,7 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
     Example:
         >>> html, figures = write_report(Path("report"), config, sel, ev, stages, notes, seconds=120.0)   # doctest: +SKIP
     """
-    from tl_taskmap.neurons.ablation_matrix import AblationMatrix, specificity, specificity_effects
+    from tl_taskmap.neurons.ablation_effects import AblationMatrix, specificity, specificity_effects
     from tl_taskmap.stats.results import LayerStats
 
     out = Path(out)

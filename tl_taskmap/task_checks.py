@@ -15,7 +15,7 @@ import contextlib
 import os
 from typing import Any, Iterator, Optional
 
-from tl_taskmap.report_config import ConfigError
+from tl_taskmap.errors import ConfigError
 
 __all__ = ["check_suite", "split_suite", "validate_task_spec_result", "quiet_datasets", "hub_unavailable"]
 

@@ -31,8 +31,8 @@ from tl_taskmap.neurons.ablation import ablate, mean_activations
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task
 
-# `tl_taskmap.neurons.ablation_matrix` is also the re-exported function: fetch the module itself.
-matrix_module = importlib.import_module("tl_taskmap.neurons.ablation_matrix")
+# `tl_taskmap.neurons.ablation_effects` is also the re-exported function: fetch the module itself.
+matrix_module = importlib.import_module("tl_taskmap.neurons.ablation_effects")
 
 WORDS = "the a quick brown fox jumps over lazy dog good bad movie review great awful yes no maybe true false cat sat mat".split()
 

@@ -59,7 +59,7 @@ def prompts(n: int, words: int, seed: int = 0) -> list[str]:
 def speed(folder: Path, batch: int, words: int, repeats: int) -> None:
     from transformer_lens.model_bridge import TransformerBridge
 
-    from tl_taskmap.capture import Capturer
+    from tl_taskmap.activations import Capturer
     from tl_taskmap.models import as_adapter
 
     torch.set_grad_enabled(False)
@@ -84,7 +84,7 @@ def speed(folder: Path, batch: int, words: int, repeats: int) -> None:
 def early_stop_speed(folder: Path, batch: int, words: int, repeats: int) -> None:
     from transformer_lens.model_bridge import TransformerBridge
 
-    from tl_taskmap.capture import Capturer
+    from tl_taskmap.activations import Capturer
     from tl_taskmap.models import as_adapter
 
     torch.set_grad_enabled(False)
@@ -114,7 +114,7 @@ def early_stop_speed(folder: Path, batch: int, words: int, repeats: int) -> None
 def memory_child(folder: str, n: int, words: int) -> None:
     from transformer_lens.model_bridge import TransformerBridge
 
-    from tl_taskmap.capture import capture
+    from tl_taskmap.activations import capture
 
     import threading
 

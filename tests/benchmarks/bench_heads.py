@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_relevance import make_batches, timed  # noqa: E402
 from tl_taskmap.models import as_adapter  # noqa: E402
-from tl_taskmap.neurons.head_relevance import GradXActHeadRelevance  # noqa: E402
-from tl_taskmap.neurons.relevance import GradXActRelevance  # noqa: E402
+from tl_taskmap.neurons.head_attribution import GradXActHeadRelevance  # noqa: E402
+from tl_taskmap.neurons.attribution import GradXActRelevance  # noqa: E402
 
 
 def build_random_gqa_llama(args: argparse.Namespace, folder: Path) -> Path:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.tiny_m
 
 from tl_taskmap.evaluate import answer_nll  # noqa: E402
 from tl_taskmap.models import TokenBatch, as_adapter  # noqa: E402
-from tl_taskmap.neurons.relevance import GradXActRelevance, _relevance_mode, answer_nll_at_answers, position_mask  # noqa: E402
+from tl_taskmap.neurons.attribution import GradXActRelevance, _relevance_mode, answer_nll_at_answers, position_mask  # noqa: E402
 
 
 def build_random_llama(args: argparse.Namespace, folder: Path) -> Path:

@@ -62,9 +62,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
-    from tl_taskmap.capture import Capturer
+    from tl_taskmap.activations import Capturer
     from tl_taskmap.models import as_adapter
-    from tl_taskmap.neurons.relevance import relevance
+    from tl_taskmap.neurons.attribution import relevance
     from tl_taskmap.stats.cka import StreamingLinearCKA
     from tl_taskmap.stats.spectral import StreamingCovariance
 

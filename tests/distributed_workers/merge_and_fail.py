@@ -30,7 +30,7 @@ def summary(cka: StreamingLinearCKA, cov: StreamingCovariance, rel) -> dict:
 
 
 def relevance_of(rows: torch.Tensor):
-    from tl_taskmap.neurons.relevance import RelevanceScores
+    from tl_taskmap.neurons.attribution import RelevanceScores
 
     return RelevanceScores(rows.abs().sum(0).reshape(1, 3), rows.sum(0).reshape(1, 3), n_examples=len(rows),
                            n_tokens=2 * len(rows), name="task", meta={"loss": "test"})

@@ -15,13 +15,13 @@ matplotlib.use("Agg")
 from tl_taskmap.evaluate import evaluate_task
 from tl_taskmap.models import as_adapter, hook_point_hook_counts, parameter_fingerprint
 from tl_taskmap.neurons.ablation import ablate
-from tl_taskmap.neurons.ablation_matrix import AblationMatrix, ablation_matrix, matched_random_sets, plot_ablation_matrix, specificity
+from tl_taskmap.neurons.ablation_effects import AblationMatrix, ablation_matrix, matched_random_sets, plot_ablation_matrix, specificity
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.stats.inference import crossed_effect, minimum_detectable_drop
 from tl_taskmap.tasks import Task
 
 # The package re-exports the function ablation_matrix under the module's name, so fetch the module itself.
-matrix_module = importlib.import_module("tl_taskmap.neurons.ablation_matrix")
+matrix_module = importlib.import_module("tl_taskmap.neurons.ablation_effects")
 
 PROMPTS = ["the quick brown fox", "a b c", "good movie", "0 1 2 + 3 =", "bad review", "Question: yes or no"]
 

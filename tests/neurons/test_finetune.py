@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tl_taskmap.models import as_adapter, parameter_fingerprint
-from tl_taskmap.neurons.finetune import (
+from tl_taskmap.neurons.masked_training import (
     finetune,
     load_control_model,
     save_control_model,

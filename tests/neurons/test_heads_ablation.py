@@ -9,7 +9,7 @@ import torch
 from tests.neurons.test_heads_relevance import head_model  # noqa: F401 - fixture
 from tl_taskmap.models import as_adapter, hook_point_hook_counts, parameter_fingerprint
 from tl_taskmap.neurons.ablation import ablate, ablation_effect
-from tl_taskmap.neurons.ablation_matrix import ablation_matrix, specificity
+from tl_taskmap.neurons.ablation_effects import ablation_matrix, specificity
 from tl_taskmap.neurons.head_ablation import head_mean_activations
 from tl_taskmap.neurons.heads import head_layout, split_heads
 from tl_taskmap.neurons.sets import HeadSet, NeuronSet

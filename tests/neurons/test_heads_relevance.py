@@ -1,4 +1,4 @@
-"""Head relevance (tl_taskmap.neurons.head_relevance) against an independent per-head autograd computation.
+"""Head relevance (tl_taskmap.neurons.head_attribution) against an independent per-head autograd computation.
 
 The reference multiplies each layer's per-head output by a gate of ones ``s[b, t, h]`` and takes
 ``∂L_i/∂s`` — by the chain rule exactly ``Σ_d ∂L_i/∂z · z`` — one layer and one example at a time,
@@ -16,11 +16,11 @@ from tests import tiny_models
 from tests.neurons.test_relevance import make_task, reference_masks
 from tl_taskmap.evaluate import answer_batches, answer_nll
 from tl_taskmap.models import as_adapter, hook_point_hook_counts, parameter_fingerprint
-from tl_taskmap.neurons.head_relevance import (
+from tl_taskmap.neurons.head_attribution import (
     GradXActHeadRelevance, HeadRelevanceScores, head_relevance, head_relevance_by_task, relevance_with_heads,
 )
 from tl_taskmap.neurons.heads import head_layout, split_heads
-from tl_taskmap.neurons.relevance import GradXActRelevance, RelevanceScores, relevance
+from tl_taskmap.neurons.attribution import GradXActRelevance, RelevanceScores, relevance
 from tl_taskmap.neurons.sets import HeadSet
 
 

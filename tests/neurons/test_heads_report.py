@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from tests.test_report import one_thread, tiny_config, write_tasks  # noqa: F401 - fixture
-from tl_taskmap.neurons.head_relevance import HeadRelevanceScores
+from tl_taskmap.neurons.head_attribution import HeadRelevanceScores
 from tl_taskmap.neurons.sets import HeadSet
 from tl_taskmap.report import MapConfig, map_model
 

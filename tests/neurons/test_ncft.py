@@ -179,7 +179,7 @@ def test_result_json_round_trip_and_compare(bridge_llama, tmp_path):
 
 
 def test_default_selector_uses_relevance(bridge_llama):
-    pytest.importorskip("tl_taskmap.neurons.relevance")
+    pytest.importorskip("tl_taskmap.neurons.attribution")
     kw = {k: v for k, v in FAST.items() if k != "select_neurons"}
     res = continual_learning(bridge_llama, tiny_tasks()[:2], method="ncft", k=0.1, **kw)
     assert res.n_neurons == [3 * round(0.1 * 48)] * 2

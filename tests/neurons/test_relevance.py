@@ -1,4 +1,4 @@
-"""Tests for tl_taskmap.neurons.relevance: one-pass grad × act against an independent per-layer,
+"""Tests for tl_taskmap.neurons.attribution: one-pass grad × act against an independent per-layer,
 per-example computation, pass counts, the first-order prediction of zeroing, state hygiene, errors, I/O."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from tests import tiny_models
 from tests.helpers import assert_model_unchanged
 from tl_taskmap.evaluate import answer_batches, answer_nll
 from tl_taskmap.models import TokenBatch, as_adapter, hook_point_hook_counts, parameter_fingerprint
-from tl_taskmap.neurons.relevance import (
+from tl_taskmap.neurons.attribution import (
     GradXActRelevance,
     RelevanceScores,
     position_mask,

@@ -76,7 +76,7 @@ def test_bad_inputs_name_the_problem():
 
 
 def test_shuffled_answers_keep_prompts_and_answer_counts():
-    from tl_taskmap.neurons.finetune import shuffled_answers
+    from tl_taskmap.neurons.masked_training import shuffled_answers
     from tl_taskmap.tasks import Task
 
     task = last_letter_task(40)
@@ -88,7 +88,7 @@ def test_shuffled_answers_keep_prompts_and_answer_counts():
 
 
 def _last_token_layers(model, task):
-    from tl_taskmap.capture import capture
+    from tl_taskmap.activations import capture
 
     return capture(model, task.prompts, sites="resid_post", reduce="last", progress=False).stack("resid_post").double().numpy()
 
@@ -104,7 +104,7 @@ def test_layer_map_rule_finds_task_layers_for_a_learned_task_and_none_for_a_shuf
     """
     from tests import tiny_models
     from tl_taskmap.evaluate import evaluate_task
-    from tl_taskmap.neurons.finetune import train_control_model, train_null_control_model
+    from tl_taskmap.neurons.masked_training import train_control_model, train_null_control_model
 
     selection, evaluation = last_letter_task(180).split(2 / 3, seed=0)
     base = train_null_control_model(tiny_models.bridge("gpt2"), selection, shuffle_seed=99, steps=60, lr=1e-3, seed=1, progress=False)

@@ -81,7 +81,7 @@ def test_paper_pair_end_to_end_on_a_multitask_model(tmp_path, suites, base):
     """Multi-task model trained on both tasks (it must learn them), controls + null controls, the pair, the null
     pair, the section rule with its thresholds, and the held-out (unseen) task marked."""
     from tl_taskmap.layer_map_stage import build_layer_map, read_layer_map
-    from tl_taskmap.neurons.finetune import train_control_model
+    from tl_taskmap.neurons.masked_training import train_control_model
     from tl_taskmap.neurons.multitask import multitask_model
 
     selection, evaluation = suites
@@ -105,7 +105,7 @@ def test_paper_pair_end_to_end_on_a_multitask_model(tmp_path, suites, base):
     assert sections["null_pair"] is not None and sections["pair_unseen"] is not None
     assert "Bonferroni" in loaded["rules"]["pair_vs_null"]
     # Independent check of one number: CKA(multi-task, control) at layer 0 for the seen task.
-    from tl_taskmap.capture import capture
+    from tl_taskmap.activations import capture
     from tl_taskmap.stats.cka import feature_space_linear_cka
 
     task = evaluation["last_letter"]

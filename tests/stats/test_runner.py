@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests import tiny_models
-from tl_taskmap.capture import capture
+from tl_taskmap.activations import capture
 from tl_taskmap.models import ModelAdapter, as_adapter, hook_point_hook_counts
 from tl_taskmap.stats.cka import feature_space_linear_cka
 from tl_taskmap.stats.runner import compare_models

@@ -1,13 +1,13 @@
 """Task-specific neurons (and attention heads): relevance, unit sets, overlap, parameter similarity, ablation, fine-tuning."""
 
 from .ablation import AblationEffect, ablate, ablation_effect, ablation_effects, mean_activations
-from .ablation_matrix import AblationMatrix, ablation_matrix, matched_random_sets, plot_ablation_matrix, specificity
+from .ablation_effects import AblationMatrix, ablation_matrix, matched_random_sets, plot_ablation_matrix, specificity
 from .head_ablation import ablate_heads, head_mean_activations
-from .head_relevance import GradXActHeadRelevance, HeadRelevanceScores, head_relevance, relevance_with_heads
-from .finetune import FinetuneResult, finetune, load_control_model, save_control_model, train_control_model, trainable_neurons
+from .head_attribution import GradXActHeadRelevance, HeadRelevanceScores, head_relevance, relevance_with_heads
+from .masked_training import FinetuneResult, finetune, load_control_model, save_control_model, train_control_model, trainable_neurons
 from .ncft import ContinualResult, backward_transfer, compare_methods, continual_learning, forgetting_fg
 from .overlap import jaccard_matrix, overlap_sweep
-from .relevance import GradXActRelevance, RelevanceScores, relevance, relevance_by_task
+from .attribution import GradXActRelevance, RelevanceScores, relevance, relevance_by_task
 from .sets import HeadSet, NeuronSet
 from .similarity import parameter_similarity, parameter_similarity_matrix
 

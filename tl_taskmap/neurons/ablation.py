@@ -40,34 +40,10 @@ from tl_taskmap.evaluate import TaskScore, bootstrap_interval, evaluate_task
 from tl_taskmap.driver import Driver
 from tl_taskmap.hooks import tl_hooks
 from tl_taskmap.models import SITE_TEMPLATES, ModelAdapter, as_adapter
+from tl_taskmap.neurons.ablation_context import MODES, Ablation, AblationMode, _prompts_of
 from tl_taskmap.neurons.sets import HeadSet, NeuronSet
 from tl_taskmap.probes import MeanActivationProbe
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
-
-AblationMode = Literal["zero", "mean", "params"]
-MODES = ("zero", "mean", "params")
-
-
-@dataclass(frozen=True)
-class Ablation:
-    """What :func:`ablate` yields: the model's adapter, the ablated set and how it is ablated.
-
-    Attributes:
-        adapter: The model's :class:`~tl_taskmap.models.ModelAdapter` (``.forward``, ``.tokenize``, ...).
-        neurons: The ablated neurons.
-        mode: ``"zero"``, ``"mean"`` or ``"params"``.
-        hook_names: The hook points carrying an ablation hook (empty for ``"params"`` and empty sets).
-    """
-
-    adapter: ModelAdapter
-    neurons: NeuronSet
-    mode: str
-    hook_names: tuple[str, ...]
-
-    @property
-    def model(self) -> Any:
-        return self.adapter.model
-
 
 def check_neuron_set(model: Any, neurons: NeuronSet) -> ModelAdapter:
     """Raise a ValueError naming the layer and sizes unless ``neurons`` fits ``model``; return its adapter.
@@ -233,17 +209,6 @@ def mean_activations(
     probe = MeanActivationProbe()
     Driver(adapter, [probe], batch_size=batch_size, prepend_bos=prepend_bos, include_targets=False, progress=progress).run(prompts)
     return probe.result()
-
-
-def _prompts_of(source: Any) -> list[str]:
-    if isinstance(source, str):
-        raise TypeError("pass a list of prompts (or a Task), not a single string")
-    if isinstance(source, (Task, TaskSuite)) or (isinstance(source, Sequence) and source and isinstance(source[0], Task)):
-        return [p for task in as_suite(source) for p in task.prompts]
-    prompts = list(source)
-    if not prompts:
-        raise ValueError("no reference prompts: pass at least one prompt or a Task")
-    return prompts
 
 
 # ---------------------------------------------------------------------------- effects

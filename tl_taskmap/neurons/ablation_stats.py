@@ -1,6 +1,6 @@
 """The tests behind an ablation matrix's claims: above chance, own vs random / other sets, power.
 
-:func:`~tl_taskmap.neurons.ablation_matrix.specificity` is :func:`specificity_table` here. The
+:func:`~tl_taskmap.neurons.ablation_effects.specificity` is :func:`specificity_table` here. The
 matrix is read through its data (``tasks, metrics, set_names, baselines, records``) only, so any
 unit kind (MLP neurons, attention heads) whose records carry ``ablated_set, kind, evaluated_task,
 per_example, losses`` passes through. Intervals and tests come from :mod:`tl_taskmap.stats.inference`.

@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_taskmap.models import ModelAdapter, as_adapter
-from tl_taskmap.neurons.ablation import MODES, Ablation, AblationMode, _prompts_of
+from tl_taskmap.neurons.ablation_context import MODES, Ablation, AblationMode, _prompts_of
 from tl_taskmap.neurons.heads import HeadLayout, check_head_set, head_layout, head_output_weight, split_heads
 from tl_taskmap.neurons.sets import HeadSet
 from tl_taskmap.tasks import Task, TaskSuite

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from tl_taskmap.neurons.finetune import _combined_fingerprint, finetune, copy_model, load_control_model, save_control_model
+from tl_taskmap.neurons.masked_training import _combined_fingerprint, finetune, copy_model, load_control_model, save_control_model
 from tl_taskmap.tasks import Example, Task
 
 __all__ = ["MultitaskModel", "multitask_union", "multitask_fingerprint", "multitask_model", "MULTITASK_FORMAT_VERSION",
@@ -146,7 +146,7 @@ def multitask_model(base_model: Any, tasks: Any, *, cache_dir: str | os.PathLike
         cache_dir: Folder holding ``multitask/<key>/``; the key hashes base weights, task contents and settings.
         held_out: Task names kept out of training (reported as unseen tasks).
         steps, lr, batch_size, seed: Full fine-tuning settings (AdamW, answer-token loss, see
-            :func:`~tl_taskmap.neurons.finetune.finetune`).
+            :func:`~tl_taskmap.neurons.masked_training.finetune`).
 
     Example:
         >>> mt = multitask_model(model, selection, cache_dir="cache", steps=50, progress=False)   # doctest: +SKIP

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from tl_taskmap.evaluate import TaskScore, evaluate_task
 from tl_taskmap.models import as_adapter
-from tl_taskmap.neurons.finetune import finetune
+from tl_taskmap.neurons.masked_training import finetune
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task
 
@@ -106,7 +106,7 @@ def task_features(model: Any, task: Task, *, batch_size: int = 8) -> Float[Tenso
         >>> task_features(model, task).shape   # doctest: +SKIP
         torch.Size([16, 576])
     """
-    from tl_taskmap.capture import capture
+    from tl_taskmap.activations import capture
 
     adapter = as_adapter(model)
     site = (adapter.n_layers - 1, "resid_post")
@@ -304,7 +304,7 @@ class ContinualResult:
 
 def _default_selector(k: float, per_layer: bool) -> Selector:
     def select(model: Any, task: Task) -> NeuronSet:
-        from tl_taskmap.neurons.relevance import relevance  # imported here: relevance is optional for this module
+        from tl_taskmap.neurons.attribution import relevance  # imported here: relevance is optional for this module
 
         return relevance(model, task).top(k, per_layer=per_layer)
 

@@ -6,7 +6,7 @@ task's :class:`~tl_taskmap.neurons.sets.NeuronSet`. ``r_t(j)`` below is the grad
 neuron ``j`` for task ``t``.
 
 * ``gradxact`` (default; Leng & Xiong 2024, Eq. 2-3): ``r_t(j) = Σ_i Σ_t |∂L_i/∂a · a|`` with ``L_i``
-  the mean answer NLL, summed over the answer positions (:mod:`tl_taskmap.neurons.relevance`).
+  the mean answer NLL, summed over the answer positions (:mod:`tl_taskmap.neurons.attribution`).
 * ``contrastive``: the same attribution of the *margin* between the correct answer and the others.
   Each option ``o`` of example ``i`` is scored as in evaluation, ``s_o`` = mean log-probability of
   its tokens after the prompt, and ``m_i = s_correct − mean_{o ≠ correct} s_o``. The score is
@@ -48,7 +48,7 @@ from torch import Tensor
 
 from tl_taskmap.evaluate import answer_nll
 from tl_taskmap.models import ModelAdapter, TokenBatch, as_adapter
-from tl_taskmap.neurons.relevance import _relevance_mode, position_mask, relevance
+from tl_taskmap.neurons.attribution import _relevance_mode, position_mask, relevance
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
 
@@ -96,7 +96,7 @@ class Selection:
 
 # ------------------------------------------------------------------------------------ scores
 def gradxact_scores(model: Any, tasks: TasksLike, *, batch_size: int = 8) -> Scores:
-    """The paper's ``Σ |∂L/∂a · a|`` on the answer loss per task (:func:`~tl_taskmap.neurons.relevance.relevance`).
+    """The paper's ``Σ |∂L/∂a · a|`` on the answer loss per task (:func:`~tl_taskmap.neurons.attribution.relevance`).
 
     Example:
         >>> gradxact_scores(model, suite)["sst2"].shape   # doctest: +SKIP

@@ -2,8 +2,8 @@
 
 For each method (:mod:`tl_taskmap.neurons.selection`), each task's set is chosen on the selection
 split and ablated on the held-out evaluation split, with matched random sets, through the ablation
-matrix's public API (:func:`~tl_taskmap.neurons.ablation_matrix.ablation_matrix` and
-:func:`~tl_taskmap.neurons.ablation_matrix.specificity`). Per method × task the table holds:
+matrix's public API (:func:`~tl_taskmap.neurons.ablation_effects.ablation_matrix` and
+:func:`~tl_taskmap.neurons.ablation_effects.specificity`). Per method × task the table holds:
 
 * ``own_drop``, ``vs_random`` (own drop − random drop) and ``vs_other`` (own drop − mean drop from
   the other tasks' sets) of the task's metric, with the specificity bootstrap intervals (resampling
@@ -40,7 +40,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from tl_taskmap.neurons.ablation_matrix import AblationMatrix, ablation_matrix, specificity
+from tl_taskmap.neurons.ablation_effects import AblationMatrix, ablation_matrix, specificity
 from tl_taskmap.neurons.selection import METHODS, ScoreFn, Selection, TasksLike, select_all
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import as_suite
@@ -215,7 +215,7 @@ def compare_selections(
         selection_tasks, evaluation_tasks: The same tasks' selection and held-out examples.
         methods: Names from :data:`~tl_taskmap.neurons.selection.METHODS` and/or callables ``score_fn(model, suite)``.
         k, per_layer: Top-k rule. seeds: random sets per row (count or list). mode: ablation mode
-            (``mean_activations`` for ``"mean"``, as :func:`~tl_taskmap.neurons.ablation_matrix.ablation_matrix`).
+            (``mean_activations`` for ``"mean"``, as :func:`~tl_taskmap.neurons.ablation_effects.ablation_matrix`).
         gradxact: Precomputed gradxact scores per task, reused. matrices: precomputed ablation matrices per
             method name (must match the sets, seeds and mode), reused.
         n_boot, alpha: Bootstrap of the specificity intervals.

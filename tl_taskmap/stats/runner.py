@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_taskmap.capture import Reduction, Site, check_finite
+from tl_taskmap.activations import Reduction, Site, check_finite
 from tl_taskmap.driver import Driver
 from tl_taskmap.probes import Probe, ProbeBatch
 from tl_taskmap.models import SITE_ALIASES, SITE_TEMPLATES, ModelAdapter, PaddingSide, as_adapter
@@ -397,7 +397,7 @@ def compare_activations(
     """The statistics of :func:`compare_models` for one task, from activations captured beforehand.
 
     Each argument is one model's activations on the *same* examples in the same order:
-    :class:`~tl_taskmap.capture.Activations`, a mapping ``{(layer, kind) | layer | hook name: [n, d]}``,
+    :class:`~tl_taskmap.activations.Activations`, a mapping ``{(layer, kind) | layer | hook name: [n, d]}``,
     or an array ``[layer, n, d]`` / ``[n, d]`` (site ``kind``). Sites are matched by (layer, kind).
     Combine tasks with :meth:`LayerStats.merge`.
 

@@ -6,7 +6,7 @@ to a *sink* (:mod:`tl_taskmap.sinks`): memory, disk, or any accumulator. Memory 
 ``n_examples × n_sites × d``, never with sequence length or with the number of hooks in the model.
 
 Example:
-    >>> from tl_taskmap.capture import capture
+    >>> from tl_taskmap.activations import capture
     >>> acts = capture(model, ["The cat sat", "A dog ran far"], sites="resid_post", reduce="last")  # doctest: +SKIP
     >>> acts["blocks.0.hook_resid_post"].shape                                                     # doctest: +SKIP
     torch.Size([2, 576])

@@ -26,7 +26,7 @@ respect to them. Examples in a batch do not interact, so the gradient of the sum
 touched) and the model runs in eval mode; flags, modes and hooks are restored afterwards.
 
 Example:
-    >>> from tl_taskmap.neurons.relevance import relevance
+    >>> from tl_taskmap.neurons.attribution import relevance
     >>> rel = relevance(model, task)            # doctest: +SKIP
     >>> neurons = rel.top(0.10)                 # doctest: +SKIP
     >>> rel.save("sst2_relevance.safetensors")  # doctest: +SKIP

@@ -12,7 +12,7 @@ slices and nothing else. Parameters outside the set's MLP tensors have ``require
 side benefit the optimizer state and step cost scale with the set, not with the MLP.
 
 Example:
-    >>> from tl_taskmap.neurons.finetune import finetune
+    >>> from tl_taskmap.neurons.masked_training import finetune
     >>> result = finetune(model, train_task, task_neurons, steps=30, lr=1e-3)            # doctest: +SKIP
     >>> baseline = finetune(other_copy, train_task, task_neurons.random_like(seed=0), steps=30, lr=1e-3)  # doctest: +SKIP
 """

@@ -4,7 +4,7 @@ For query head ``h`` of layer ``l`` with output ``z`` at ``blocks.{l}.attn.hook_
 features before ``W_O``; see :mod:`tl_taskmap.neurons.heads`), example ``i`` and position ``t``, the
 first-order Taylor estimate of the loss change from zeroing the head's output there is
 ``-Σ_d ∂L_i/∂z_{i,t,h,d} · z_{i,t,h,d}``. Scores aggregate the per-(example, position) terms
-``Σ_d g·z`` exactly as neuron relevance aggregates ``g·a`` (:mod:`tl_taskmap.neurons.relevance`): the
+``Σ_d g·z`` exactly as neuron relevance aggregates ``g·a`` (:mod:`tl_taskmap.neurons.attribution`): the
 same losses (mean answer NLL or ``loss_fn``), positions (``answer``/``prompt``/``all``/``last_prompt``),
 aggregates (``sum_abs``: ``Σ_i Σ_t |Σ_d g·z|``; ``abs_sum``: ``|Σ_i Σ_t Σ_d g·z|``), float64 sums,
 exact merges and safetensors files. A head is one unit, so the sum over ``d_head`` comes first: the
@@ -12,10 +12,10 @@ per-head estimate is what zeroing the whole head predicts, not a sum of per-feat
 
 ``GradXActHeadRelevance(model, neurons=True)`` keeps ``hook_z`` *and* ``mlp.hook_post`` of every layer
 in the same forward and backward, so heads and neurons together cost one pass per batch (the
-neuron scores equal :class:`~tl_taskmap.neurons.relevance.GradXActRelevance`'s).
+neuron scores equal :class:`~tl_taskmap.neurons.attribution.GradXActRelevance`'s).
 
 Example:
-    >>> from tl_taskmap.neurons.head_relevance import head_relevance, relevance_with_heads
+    >>> from tl_taskmap.neurons.head_attribution import head_relevance, relevance_with_heads
     >>> heads = head_relevance(model, task).top(0.1)               # doctest: +SKIP
     >>> neuron_rel, head_rel = relevance_with_heads(model, task)   # doctest: +SKIP
 """
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from tl_taskmap.evaluate import answer_batches, answer_nll
 from tl_taskmap.models import PaddingSide, TokenBatch, as_adapter
 from tl_taskmap.neurons.heads import head_layout, split_heads
-from tl_taskmap.neurons.relevance import (
+from tl_taskmap.neurons.attribution import (
     AGGREGATES, POSITIONS, Aggregate, LossFn, Positions, RelevanceScores, _relevance_mode, position_mask,
 )
 from tl_taskmap.neurons.sets import HeadSet
@@ -46,7 +46,7 @@ __all__ = ["GradXActHeadRelevance", "HeadRelevanceScores", "head_relevance", "he
 class HeadRelevanceScores(RelevanceScores):
     """Accumulated grad × act relevance of every attention head: ``[n_layers, n_heads]`` float64 sums.
 
-    The same object as :class:`~tl_taskmap.neurons.relevance.RelevanceScores` (``scores``,
+    The same object as :class:`~tl_taskmap.neurons.attribution.RelevanceScores` (``scores``,
     ``mean_scores``, ``first_order_delta``, ``merge``, ``save``/``load``), over heads: ``top`` gives a
     :class:`~tl_taskmap.neurons.sets.HeadSet` and the meta records ``unit="head"``.
 
@@ -127,11 +127,11 @@ class GradXActHeadRelevance:
 
     Configure in ``__init__``, feed with :meth:`add` (one batch) or :meth:`fit` (a whole task); the
     head scores are ``result_`` (:class:`HeadRelevanceScores`) and, with ``neurons=True``, the neuron
-    scores of the same pass are ``neuron_result_`` (:class:`~tl_taskmap.neurons.relevance.RelevanceScores`).
+    scores of the same pass are ``neuron_result_`` (:class:`~tl_taskmap.neurons.attribution.RelevanceScores`).
 
     Args:
         model: HookedTransformer, TransformerBridge or ModelAdapter.
-        aggregate, positions, loss_fn, name: As in :class:`~tl_taskmap.neurons.relevance.GradXActRelevance`.
+        aggregate, positions, loss_fn, name: As in :class:`~tl_taskmap.neurons.attribution.GradXActRelevance`.
         neurons: Also score the MLP neurons in the same forward and backward.
 
     Example:

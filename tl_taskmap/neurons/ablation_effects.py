@@ -12,7 +12,7 @@ rows are treated as a sample of random sets: the tests are those of :mod:`tl_tas
 (crossed examples × seeds t-interval; exact binomial test for "above chance"; Holm over tasks).
 
 Example:
-    >>> from tl_taskmap.neurons.ablation_matrix import ablation_matrix, specificity
+    >>> from tl_taskmap.neurons.ablation_effects import ablation_matrix, specificity
     >>> matrix = ablation_matrix(model, suite, {"sst2": s1, "qqp": s2}, seeds=5)   # doctest: +SKIP
     >>> matrix.delta_table()                                                        # doctest: +SKIP
     >>> specificity(matrix)                                                         # doctest: +SKIP

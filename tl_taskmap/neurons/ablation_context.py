@@ -1,0 +1,57 @@
+"""What an ablation context yields, and the pieces every unit kind's ablation shares.
+
+:func:`tl_taskmap.neurons.ablation.ablate` (neurons, and heads through
+:func:`tl_taskmap.neurons.head_ablation.ablate_heads`) yields an :class:`Ablation`; both read reference
+prompts with :func:`_prompts_of`. Kept apart so the neuron and head modules import it without
+importing each other.
+
+Example:
+    >>> MODES
+    ('zero', 'mean', 'params')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+from tl_taskmap.models import ModelAdapter
+from tl_taskmap.neurons.sets import NeuronSet
+from tl_taskmap.tasks import Task, TaskSuite, as_suite
+
+__all__ = ["MODES", "Ablation", "AblationMode"]
+
+AblationMode = Literal["zero", "mean", "params"]
+MODES = ("zero", "mean", "params")
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """What :func:`ablate` yields: the model's adapter, the ablated set and how it is ablated.
+
+    Attributes:
+        adapter: The model's :class:`~tl_taskmap.models.ModelAdapter` (``.forward``, ``.tokenize``, ...).
+        neurons: The ablated neurons.
+        mode: ``"zero"``, ``"mean"`` or ``"params"``.
+        hook_names: The hook points carrying an ablation hook (empty for ``"params"`` and empty sets).
+    """
+
+    adapter: ModelAdapter
+    neurons: NeuronSet
+    mode: str
+    hook_names: tuple[str, ...]
+
+    @property
+    def model(self) -> Any:
+        return self.adapter.model
+
+
+def _prompts_of(source: Any) -> list[str]:
+    if isinstance(source, str):
+        raise TypeError("pass a list of prompts (or a Task), not a single string")
+    if isinstance(source, (Task, TaskSuite)) or (isinstance(source, Sequence) and source and isinstance(source[0], Task)):
+        return [p for task in as_suite(source) for p in task.prompts]
+    prompts = list(source)
+    if not prompts:
+        raise ValueError("no reference prompts: pass at least one prompt or a Task")
+    return prompts
