@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -155,25 +154,22 @@ def test_all_merge_over_three_ranks_equals_one_process(tmp_path):
 
 
 def test_a_failing_rank_fails_the_job_with_its_error(tmp_path):
-    start = time.monotonic()
-    (code0, err0), (code1, err1) = _finish(_ranks("merge_and_fail.py", ["raise", str(tmp_path)], 2), timeout=90)
-    assert time.monotonic() - start < 60
+    (code0, err0), (code1, err1) = _finish(_ranks("merge_and_fail.py", ["raise", str(tmp_path)], 2), timeout=900)  # hang guard only
     assert code1 != 0 and "ValueError: deliberate failure on rank 1" in err1 and "rank 1 of 2 failed" in err1
-    assert code0 != 0 and "rank 0 of 2 failed" in err0  # the waiting peer stops too, without its timeout
+    assert code0 != 0 and "rank 0 of 2 failed" in err0  # the waiting peer stops too...
+    assert "Timed out" not in err0  # ...because its peer failed, not because its own timeout ran out
 
 
 @pytest.mark.slow
 def test_a_hung_rank_times_out_instead_of_hanging(tmp_path):
-    start = time.monotonic()
     procs = _ranks("merge_and_fail.py", ["hang", str(tmp_path)], 2)
     try:
-        _, err0 = procs[0].communicate(timeout=90)
-        elapsed = time.monotonic() - start
+        _, err0 = procs[0].communicate(timeout=900)  # a hang guard only: the rank's own (short) timeout must end it first
     finally:
         procs[1].kill()  # the hung rank: a launcher (torchrun) would stop it once rank 0 failed
         procs[1].communicate()
-    assert procs[0].returncode != 0 and elapsed < 60
-    assert "rank 0 of 2 failed" in err0 and "Timed out" in err0
+    assert procs[0].returncode != 0
+    assert "rank 0 of 2 failed" in err0 and "Timed out" in err0  # its collective timed out instead of hanging
 
 
 @pytest.mark.slow

@@ -27,6 +27,9 @@ ABLATION_MODES = ("zero", "mean", "params")
 CONTROL_NEURONS = ("full", "task")
 #: Selection methods of :mod:`tl_taskmap.neurons.selection` compared in the report (its ``METHODS``).
 SELECTION_METHODS = ("gradxact", "contrastive", "specific", "exclusive")
+#: The default comparison: the paper's method and the one that separated own from other tasks' neurons on the
+#: embedded model (scripts/table2_ncft.py, README); each extra method costs one more ablation matrix.
+DEFAULT_SELECTION = ("gradxact", "exclusive")
 TASK_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -102,18 +105,18 @@ class MapConfig:
     options: list[str] = field(default_factory=list)
     options_field: Optional[str] = None
     split: str = "train"
-    examples: int = 24
+    examples: int = 160
     sites: list[str] = field(default_factory=lambda: ["resid_post"])
     reduce: str = "last"
     k: float = 0.1
     per_layer: bool = True
-    seeds: int = 2
+    seeds: int = 5
     ablation_mode: str = "zero"
     heads: bool = True
-    selection: list[str] = field(default_factory=lambda: list(SELECTION_METHODS))
+    selection: list[str] = field(default_factory=lambda: list(DEFAULT_SELECTION))
     device: str = "cpu"
     dtype: str = "float32"
-    batch_size: int = 8
+    batch_size: int = 16
     seed: int = 0
     null_controls: bool = True
     layer_map_boot: int = 1000
