@@ -52,7 +52,7 @@ def write_tasks(folder: Path) -> list[str]:
 
 def tiny_config(out: Path, tasks: list[str], **overrides) -> MapConfig:
     settings = dict(out=str(out), model=str(tiny_models.hf_folder("llama")), tasks=tasks, template="{input}", options_field="options",
-                    examples=8, seeds=2, train_controls=1, control_steps=2, batch_size=8)
+                    examples=12, seeds=2, train_controls=1, control_steps=2, batch_size=8)
     return MapConfig(**{**settings, **overrides})
 
 
@@ -90,7 +90,7 @@ def test_report_writes_every_file(report):
                  "relevance/sentiment.safetensors", "relevance/arith.safetensors", "layers/stats/layer_stats.json",
                  "layers/stats/arrays.safetensors", "layers/layer_stats.csv", "layers/controls.json", "ablation/matrix.json",
                  "ablation/cells.csv", "ablation/delta_table.csv", "ablation/specificity.csv", "selection/comparison.csv",
-                 "selection/summary.csv", "selection/comparison.json", "selection/matrix_contrastive.json"]:
+                 "selection/summary.csv", "selection/comparison.json", "selection/matrix_exclusive.json"]:
         assert (out / name).is_file(), name
     assert MapConfig.load(out / "config.json") == report.config
     for stage in ("baseline", "relevance", "neurons", "layers", "ablation", "selection"):
@@ -105,7 +105,10 @@ def test_report_numbers_are_finite(report):
 
     baseline = report.baseline()
     assert set(baseline["task"]) == {"sentiment", "arith"} and finite(baseline["metric_value"]) and finite(baseline["loss"])
-    assert (baseline["n"] == 4).all()  # 8 examples: 4 select, 4 measure
+    from tl_taskmap.report_config import load_suite
+
+    _, evaluation = load_suite(report.config)  # 12 examples split in half, every copy of a repeated prompt in one half
+    assert list(baseline["n"]) == [len(evaluation[t]) for t in baseline["task"]] and (baseline["n"] >= 4).all()
     stats = report.layer_stats()
     cka = stats.to_dataframe()
     assert {"model vs control"} <= set(cka["model_pair"].dropna()) and finite(cka["value"])

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -67,7 +68,7 @@ def _sections(frame: pd.DataFrame, tasks: list[str]) -> Optional[dict]:
 
 
 def build_layer_map(
-    model: Any, selection: Any, evaluation: Any, controls: Mapping[str, Any], *, folder: Path,
+    model: Any, selection: Any, evaluation: Any, controls: Mapping[str, Any], *, folder: Path, release_controls: bool = False,
     second: Any = None, multitask: Any = None, null_controls: bool = True, neurons: Optional[Mapping[str, Any]] = None,
     control_settings: Optional[dict] = None, n_boot: int = 1000, seed: int = 0, site: str = "resid_post",
     reduce: str = "last", batch_size: int = 8, log: Callable[[str], None] = lambda m: None,
@@ -83,6 +84,8 @@ def build_layer_map(
         second: A user-given base model (takes precedence over ``multitask``).
         multitask: A :class:`~tl_taskmap.neurons.multitask.MultitaskModel` (the tuned model of the pair).
         null_controls: Train a null control per control (without them only the pair is computed).
+        release_controls: Delete each control from ``controls`` (a dict the caller gives up) once its layers are read, so
+            the fine-tuned copies are never all in memory together.
         neurons: Task → NeuronSet when the controls were neuron-restricted (the nulls train the same neurons).
         control_settings: ``finetune`` keyword arguments the controls were trained with (the nulls use the same).
         n_boot: Bootstrap resamples. seed: Seeds the null shuffles and the bootstrap.
@@ -97,29 +100,35 @@ def build_layer_map(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     settings = dict(control_settings or {})
-    nulls: dict[str, Any] = {}
-    null_records = []
-    if null_controls:
-        for name in bar(list(controls), "null controls"):
-            null, result = train_null_control_model(model, selection[name], shuffle_seed=seed + 1,
-                                                    neurons=(neurons or {}).get(name), return_result=True, **settings)
-            nulls[name] = null
-            null_records.append({"task": name, "source": "trained on shuffled answers", **result.to_dict()})
-    (folder / "null_controls.json").write_text(json.dumps(null_records, indent=1, default=str))
     pair = "second" if second is not None else ("multitask" if multitask is not None else None)
     tuned, base = (model, second) if pair == "second" else (multitask.model, model) if pair == "multitask" else (None, None)
     held_out = list(multitask.held_out) if pair == "multitask" else []
 
+    # Memory: every fine-tuned model is read once (its per-example layers) and released at once, so at most
+    # the model, one fine-tuned copy and its optimizer state are alive together.
     acts: dict[str, dict[str, np.ndarray]] = {"model": {}, "control": {}, "null": {}, "tuned": {}, "base": {}}
-    for name in bar(list(controls), "layer-map capture"):
+    names = list(controls)
+    for name in bar(names, "layer-map capture"):
         task = evaluation[name]
         acts["model"][name] = _layers_of(model, task, site, reduce, batch_size)
         acts["control"][name] = _layers_of(controls[name], task, site, reduce, batch_size)
-        if name in nulls:
-            acts["null"][name] = _layers_of(nulls[name], task, site, reduce, batch_size)
+        if release_controls:
+            del controls[name]
+            gc.collect()
         if pair:
             acts["tuned"][name] = acts["model"][name] if tuned is model else _layers_of(tuned, task, site, reduce, batch_size)
             acts["base"][name] = acts["model"][name] if base is model else _layers_of(base, task, site, reduce, batch_size)
+    null_records = []
+    if null_controls:
+        for name in bar(names, "null controls"):
+            null, result = train_null_control_model(model, selection[name], shuffle_seed=seed + 1,
+                                                    neurons=(neurons or {}).get(name), return_result=True, **settings)
+            acts["null"][name] = _layers_of(null, evaluation[name], site, reduce, batch_size)
+            null_records.append({"task": name, "source": "trained on shuffled answers", **result.to_dict()})
+            del null, result
+            gc.collect()
+    (folder / "null_controls.json").write_text(json.dumps(null_records, indent=1, default=str))
+    nulls = acts["null"]
 
     meta: dict[str, Any] = {"pair": pair, "held_out": held_out, "files": ["null_controls.json"], "rules": {},
                             "sections": {}, "task_specific_layers": {}, "unchanged_layers": None, "n_boot": n_boot,

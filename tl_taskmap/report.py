@@ -296,9 +296,10 @@ def _layers(run: _Run) -> tuple[list[str], dict]:
         _layer_table(stats).to_csv(run.path("layers", "layer_stats.csv"), index=False)
     stats.save(run.folder("layers", "stats"))
     run.path("layers", "controls.json").write_text(json.dumps(records, indent=1, default=str))
-    layer_map = _layer_map(run, controls) if controls else {"files": []}
+    control_tasks = sorted(controls)
+    layer_map = _layer_map(run, controls) if controls else {"files": []}  # releases each control once it is read
     return (["layers/stats", "layers/layer_stats.csv", "layers/controls.json"] + [f"layers/{f}" for f in layer_map["files"]],
-            {"control_tasks": sorted(controls), "layer_map_pair": layer_map.get("pair")})
+            {"control_tasks": control_tasks, "layer_map_pair": layer_map.get("pair")})
 
 
 def _multitask(run: _Run) -> Any:
@@ -338,7 +339,8 @@ def _layer_map(run: _Run, controls: dict[str, Any]) -> dict:
     sets = load_neuron_sets(run.out, list(controls)) if cfg.control_neurons == "task" else None
     kind = next((SITE_ALIASES.get(s, s) for s in cfg.sites if not s.startswith("blocks.")), "resid_post")
     _drop_stale_captures(run.model)
-    return build_layer_map(run.model, run.selection, run.evaluation, controls, folder=run.folder("layers"), second=run.second,
+    return build_layer_map(run.model, run.selection, run.evaluation, controls, folder=run.folder("layers"), release_controls=True,
+                           second=run.second,
                            multitask=_multitask(run), null_controls=cfg.null_controls, neurons=sets,
                            control_settings=dict(steps=cfg.control_steps, lr=cfg.control_lr, batch_size=cfg.batch_size,
                                                  seed=cfg.seed, progress=False),

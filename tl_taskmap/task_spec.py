@@ -274,7 +274,7 @@ def load_entry(entry: TaskEntry, defaults: Defaults = Defaults()) -> Any:
         detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         if cause is not None and str(cause) and str(cause) not in detail:
             detail += f" ({type(cause).__name__}: {str(cause)[:200]})"
-        raise TaskSpecError(f"task {entry.label!r} ({where}) cannot be loaded: {detail}; check that the file is complete and in its "
+        raise TaskSpecError(f"task {entry.label!r} cannot be loaded ({where}): {detail}; check that the file is complete and in its "
                             f"format (json/jsonl/csv/parquet, or a BIG-bench task.json); --debug shows the traceback") from err
     task = validate_task_spec_result(task, str(entry.ref))
     changes: dict[str, Any] = {}

@@ -309,9 +309,9 @@ def test_verdict_states_negative_results():
 
 def test_config_and_cli_selection_option():
     from tl_taskmap.cli import build_parser, config_from_args
-    from tl_taskmap.report_config import SELECTION_METHODS, ConfigError, MapConfig
+    from tl_taskmap.report_config import DEFAULT_SELECTION, SELECTION_METHODS, ConfigError, MapConfig
 
-    assert SELECTION_METHODS == METHODS and MapConfig().selection == list(METHODS)
+    assert SELECTION_METHODS == METHODS and MapConfig().selection == list(DEFAULT_SELECTION)
     args = build_parser().parse_args(["map", "--selection", "gradxact", "specific"])
     assert config_from_args(args).selection == ["gradxact", "specific"]
     assert config_from_args(build_parser().parse_args(["map", "--selection"])).selection == []

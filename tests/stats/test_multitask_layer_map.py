@@ -128,7 +128,9 @@ def test_report_uses_the_multitask_pair_and_guards_artefacts(tmp_path):
                          multitask_cache=str(tmp_path / "cache"), layer_map_boot=100)
     result = map_model(config, progress=False, log=lambda message: None)
     page = result.html.read_text()
-    assert "How this differs from the paper" in page and "Sections with task controls" in page
+    assert "How this differs from the paper" in page and "Base vs tuned" in page
+    sections = json.loads((result.out / "layers" / "layer_map.json").read_text())["sections"]
+    assert ("Sections with task controls" in page) == bool(sections.get("pair"))  # named only when the rule finds them
     assert "Task control vs null control" in page and "Gains that survive the null" in page
     assert "task_similarity" not in result.figures
     assert any("Cosine of centred task means: needs ≥ 3 tasks" in n for n in result.left_out)
