@@ -159,7 +159,7 @@ def test_2_a_killed_run_with_other_settings_never_leaks_into_a_rerun(finished, t
     """Run A finished; run B (other --examples) SIGKILLed inside its relevance stage; A again with another k."""
     config_a = copy_of(finished, tmp_path)
     _, relevance_a = finished
-    config_b = MapConfig.from_dict({**config_a.to_dict(), "examples": 12})
+    config_b = MapConfig.from_dict({**config_a.to_dict(), "examples": 10})
     run_killed(config_b, tmp_path, point)
     config_a2 = MapConfig.from_dict({**config_a.to_dict(), "k": 0.25})
     result, logs = run_map(config_a2)
@@ -188,7 +188,7 @@ def test_2_ctrl_c_with_other_settings_never_leaks_into_a_rerun(finished, tmp_pat
     _, relevance_a = finished
     baseline_a = pd.read_csv(Path(config_a.out) / "baseline.csv")
     saved = tmp_path / "config-b.json"
-    saved.write_text(json.dumps({**config_a.to_dict(), "examples": 12}))
+    saved.write_text(json.dumps({**config_a.to_dict(), "examples": 10}))
     # preexec_fn: a child of a non-interactive shell may start with SIGINT ignored; Ctrl-C must reach it.
     child = subprocess.Popen([sys.executable, "-c", KILLER, str(saved), "ctrl-c-in-relevance", "no"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
