@@ -205,9 +205,12 @@ def test_cli_maps_the_real_default_model(tmp_path):
     assert Path(done.stdout.strip().splitlines()[-1]) == out / "report.html"
     baseline = pd.read_csv(out / "baseline.csv")
     assert list(baseline["task"]) == names and baseline["metric_value"].notna().all()
+    text = (out / "report.html").read_text(encoding="utf-8")
     page = _Page()
-    page.feed((out / "report.html").read_text(encoding="utf-8"))
-    assert {img["alt"] for img in page.images} == FIGURES
+    page.feed(text)
+    # 4 evaluation examples: dims-for-99% sits at its cap min(n - 1, d) everywhere, so the page says so instead of plotting it
+    capped = "every task and layer sits at the cap" in text
+    assert {img["alt"] for img in page.images} == FIGURES - ({"dims_99"} if capped else set())
 
 
 @pytest.mark.slow
