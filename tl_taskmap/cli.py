@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a per-task control model saved with save_control_model (repeatable)")
     g.add_argument("--train-controls", type=int, metavar="N", help=_help("train control models for the first N tasks without one", "train_controls"))
     g.add_argument("--control-steps", type=int, metavar="N", help=_help("fine-tuning steps per trained control model", "control_steps"))
-    g.add_argument("--control-lr", type=float, metavar="LR", help=_help("learning rate of trained control models", "control_lr"))
+    g.add_argument("--control-lr", type=float, metavar="LR", help="learning rate of trained control models (default: 2e-3 with --control-neurons lora, 1e-4 otherwise)")
     g.add_argument("--control-neurons", choices=CONTROL_NEURONS,
-                   help=_help("train all parameters or only the task's top-k neurons", "control_neurons"))
+                   help=_help("train LoRA adapters on q and v (the paper's controls), all parameters, or only the task's top-k neurons",
+                             "control_neurons"))
     g.add_argument("--save-controls", action="store_true", help="write trained control models to OUT/controls/ (safetensors)")
     g.add_argument("--device", metavar="DEVICE", help=_help("cpu, cuda, cuda:N or mps", "device"))
     g.add_argument("--dtype", choices=DTYPES, help=_help("model precision", "dtype"))

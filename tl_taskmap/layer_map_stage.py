@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import pandas as pd
+
+from tl_taskmap.memory import release_memory
 
 __all__ = ["build_layer_map", "UNCHANGED_CKA", "read_layer_map"]
 
@@ -86,7 +87,7 @@ def build_layer_map(
         null_controls: Train a null control per control (without them only the pair is computed).
         release_controls: Delete each control from ``controls`` (a dict the caller gives up) once its layers are read, so
             the fine-tuned copies are never all in memory together.
-        neurons: Task → NeuronSet when the controls were neuron-restricted (the nulls train the same neurons).
+        neurons: Task → what its control trained (a NeuronSet or LowRank adapters; the nulls train the same), or None for all parameters.
         control_settings: ``finetune`` keyword arguments the controls were trained with (the nulls use the same).
         n_boot: Bootstrap resamples. seed: Seeds the null shuffles and the bootstrap.
 
@@ -105,7 +106,8 @@ def build_layer_map(
     held_out = list(multitask.held_out) if pair == "multitask" else []
 
     # Memory: every fine-tuned model is read once (its per-example layers) and released at once, so at most
-    # the model, one fine-tuned copy and its optimizer state are alive together.
+    # the model, one fine-tuned copy and its optimizer state are alive together (a LoRA control shares all
+    # but its adapted tensors with the model: see train_control_model's share_weights).
     acts: dict[str, dict[str, np.ndarray]] = {"model": {}, "control": {}, "null": {}, "tuned": {}, "base": {}}
     names = list(controls)
     for name in bar(names, "layer-map capture"):
@@ -114,7 +116,7 @@ def build_layer_map(
         acts["control"][name] = _layers_of(controls[name], task, site, reduce, batch_size)
         if release_controls:
             del controls[name]
-            gc.collect()
+            release_memory()
         if pair:
             acts["tuned"][name] = acts["model"][name] if tuned is model else _layers_of(tuned, task, site, reduce, batch_size)
             acts["base"][name] = acts["model"][name] if base is model else _layers_of(base, task, site, reduce, batch_size)
@@ -126,7 +128,7 @@ def build_layer_map(
             acts["null"][name] = _layers_of(null, evaluation[name], site, reduce, batch_size)
             null_records.append({"task": name, "source": "trained on shuffled answers", **result.to_dict()})
             del null, result
-            gc.collect()
+            release_memory()
     (folder / "null_controls.json").write_text(json.dumps(null_records, indent=1, default=str))
     nulls = acts["null"]
 

@@ -617,8 +617,9 @@ def left_out(config: Any, selection: Any, control_tasks: Sequence[str]) -> list[
                      f"{len(selection)} tasks ({', '.join(control_tasks) or 'none'}); to stay within a CPU budget none was "
                      f"trained for {', '.join(missing)}, so those tasks have no CKA-to-control curve (raise --train-controls).")
     if control_tasks and any(t not in config.control_models for t in control_tasks):
-        trained = "all parameters" if config.control_neurons == "full" else "only the task's top-k neurons"
-        notes.append(f"Trained control models are short fine-tunes ({config.control_steps} steps, lr {config.control_lr}, "
+        trained = {"full": "all parameters", "task": "only the task's top-k neurons",
+                   "lora": "rank-8 LoRA on the query and value projections, as the paper's"}[config.control_neurons]
+        notes.append(f"Trained control models are short fine-tunes ({config.control_steps} steps, lr {config.control_learning_rate:g}, "
                      f"{trained}) on {config.examples // 2} examples, far from the paper's 3-epoch LoRA controls: their CKA "
                      "curves show where a few steps of training on one task move the representations, not what a converged "
                      "single-task model looks like.")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 from tl_taskmap import distributed
+from tl_taskmap.memory import release_memory
 from tl_taskmap.report_config import ConfigError
 
 __all__ = ["StageStore", "OutLock", "OutLockedError", "file_digests", "write_json_atomic", "RECORD_VERSION"]
@@ -165,6 +166,7 @@ class StageStore:
         staging.mkdir(parents=True)
         with self.stage_into(staging) if self.stage_into is not None else contextlib.nullcontext():
             files, extra = compute()
+        release_memory()  # the next stage starts from what is live, not from this stage's high mark
         record_path = self.write_root / "stages" / f"{name}.json"
         record_path.unlink(missing_ok=True)  # from here until the new record, the stage counts as not finished
         _move_into_place(staging, self.write_root, list(files))

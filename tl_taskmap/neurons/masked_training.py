@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Union
+from typing import Any, Callable, Collection, Iterator, Literal, Optional, Union
 
 import torch
 from torch import Tensor
@@ -35,11 +35,13 @@ from tqdm.auto import tqdm
 
 from tl_taskmap.evaluate import answer_nll, answer_window_forward
 from tl_taskmap.models import as_adapter, parameter_fingerprint
+from tl_taskmap.neurons.low_rank import LowRank, low_rank_adapters, low_rank_targets
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task
 
 CONTROL_FORMAT_VERSION = 1
-NeuronSpec = Union[NeuronSet, None, Literal["all"]]
+#: What to train: a NeuronSet (its neurons), ``"all"``/None (every parameter) or :class:`LowRank` adapters.
+NeuronSpec = Union[NeuronSet, None, Literal["all"], LowRank]
 OptimizerSpec = Union[str, Callable[..., torch.optim.Optimizer]]
 
 
@@ -179,7 +181,9 @@ class FinetuneResult:
         return pd.DataFrame({"step": range(len(self.losses)), "loss": self.losses})
 
     def __repr__(self) -> str:
-        what = "all parameters" if self.n_neurons is None else f"{self.n_neurons} neurons"
+        trained = self.config.get("neurons")
+        what = (f"{self.n_neurons} neurons" if self.n_neurons is not None
+                else trained if isinstance(trained, str) and trained.startswith("LoRA") else "all parameters")
         return (f"FinetuneResult({self.task!r}: {what}, {self.n_trainable:,} trainable entries, {len(self.losses)} steps, "
                 f"loss {self.losses[0]:.3f} -> {self.final_loss:.3f}, {self.seconds:.1f}s)")
 
@@ -224,7 +228,8 @@ def finetune(
         model: HookedTransformer, TransformerBridge or ModelAdapter; changed in place.
         task: The training examples (use ``task.split(...)`` to keep an evaluation split apart).
         neurons: A NeuronSet (only its neurons' parameters train; the rest stays bit-identical),
-            or ``"all"`` / ``None`` for full fine-tuning. Random baseline: ``neurons.random_like(seed)``.
+            or ``"all"`` / ``None`` for full fine-tuning, or :class:`~tl_taskmap.neurons.low_rank.LowRank`
+            adapters (merged into the weights at the end). Random baseline: ``neurons.random_like(seed)``.
         steps: Optimizer steps. lr: learning rate. batch_size: examples per step.
         weight_decay: Passed to the optimizer; it cannot move frozen entries (see module docstring).
         seed: Seeds batch order and (with ``dropout=True``) dropout; the global RNG state is untouched.
@@ -252,14 +257,16 @@ def finetune(
     config = {"steps": steps, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
               "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom"),
               "max_grad_norm": max_grad_norm, "dropout": dropout,
-              "neurons": "all" if not isinstance(neurons, NeuronSet) else {"name": neurons.name, "size": len(neurons)}}
+              "neurons": ({"name": neurons.name, "size": len(neurons)} if isinstance(neurons, NeuronSet)
+                          else neurons.describe() if isinstance(neurons, LowRank) else "all")}
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     losses: list[float] = []
     was_training = net.training
     start = time.perf_counter()
     devices = [device] if device.type == "cuda" else []
-    with trainable_neurons(adapter, neurons) as mask, torch.random.fork_rng(devices=devices):
+    plan = low_rank_adapters(adapter, neurons) if isinstance(neurons, LowRank) else trainable_neurons(adapter, neurons)
+    with plan as mask, torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         opt = _make_optimizer(optimizer, mask.params, lr, weight_decay)
         net.train(dropout)
@@ -294,8 +301,14 @@ def finetune(
 # ---------------------------------------------------------------------------------------- control models
 
 
-def copy_model(model: Any) -> Any:
+def copy_model(model: Any, *, share_except: Optional[Collection[str]] = None) -> Any:
     """A deep copy of the model's network, safe on a TransformerLens 4.3 bridge that was trained before.
+
+    With ``share_except`` (parameter names), the copy is a full model object of its own (modules, hook
+    points, buffers) whose parameters are the *same tensors* as ``model``'s, except the named ones,
+    which are copied. That is what a control model that changes only a few tensors needs: a LoRA
+    control of SmolLM2 costs 53 MB instead of 538 MB. Training the copy's shared parameters would
+    change ``model`` too, so only ever train the named ones (:func:`train_control_model` does).
 
     A deep-copied TransformerBridge keeps the original's ``ln1`` pre-hook closures, which write the pre-LN
     residual onto the *original* model's attention bridges; after training a copy, that value holds an
@@ -305,6 +318,7 @@ def copy_model(model: Any) -> Any:
 
     Example:
         >>> twin = copy_model(model)   # doctest: +SKIP
+        >>> light = copy_model(model, share_except=low_rank_targets(model))   # doctest: +SKIP
     """
     net = as_adapter(model).model
     for module in net.modules():
@@ -313,23 +327,56 @@ def copy_model(model: Any) -> Any:
         for key, value in list(vars(module).items()):  # e.g. a cached attention ``_pattern`` from a training step
             if isinstance(value, Tensor) and value.grad_fn is not None:
                 setattr(module, key, value.detach())
-    return copy.deepcopy(net)
+    memo: dict[int, Any] = {}
+    if share_except is not None:
+        own = set(share_except)
+        unknown = sorted(own - {n for n, _ in net.named_parameters()})
+        if unknown:
+            raise ValueError(f"share_except names {unknown[:3]}, which are not parameters of the model")
+        memo = {id(p): p for n, p in net.named_parameters() if n not in own}
+        memo.update({id(b): b for _, b in net.named_buffers()})
+    return copy.deepcopy(net, memo)
+
+
+def trained_parameter_names(model: Any, neurons: NeuronSpec) -> list[str]:
+    """Names of the parameters that :func:`finetune` with ``neurons`` may change.
+
+    Example:
+        >>> trained_parameter_names(model, LowRank())[:1]   # doctest: +SKIP
+        ['blocks.0.attn.W_Q']
+    """
+    adapter = as_adapter(model)
+    if isinstance(neurons, LowRank):
+        return low_rank_targets(adapter, neurons.targets)
+    named = list(adapter.model.named_parameters())
+    if isinstance(neurons, NeuronSet):
+        ids = {id(np_.param) for layer in neurons.layers() for np_ in adapter.neuron_params(layer)}
+        return [n for n, p in named if id(p) in ids]
+    return [n for n, _ in named]
 
 
 def train_control_model(base_model: Any, task: Task, *, neurons: NeuronSpec = None, return_result: bool = False,
-                        **finetune_kwargs: Any) -> Any:
-    """A deep copy of ``base_model`` fine-tuned on one task: the per-task control model C_t.
+                        share_weights: bool = False, **finetune_kwargs: Any) -> Any:
+    """A copy of ``base_model`` fine-tuned on one task: the per-task control model C_t.
 
-    ``neurons=None`` (default) is full fine-tuning; a NeuronSet restricts training to it. The base model
-    is never changed. Keyword arguments go to :func:`finetune`.
+    ``neurons=None`` (default) is full fine-tuning; a NeuronSet restricts training to it;
+    ``LowRank()`` trains LoRA adapters on the query and value projections, as the paper's control
+    models were trained. The base model is never changed. Keyword arguments go to :func:`finetune`.
+
+    Args:
+        share_weights: The control shares every tensor it does not train with ``base_model``
+            (:func:`copy_model` ``share_except``): a LoRA control then costs a tenth of a copy. Do not
+            train the returned model further or change the base while it is in use.
 
     Returns:
         The fine-tuned copy, or ``(copy, FinetuneResult)`` with ``return_result=True``.
 
     Example:
         >>> control = train_control_model(model, suite["sst2"], steps=30, lr=1e-4)   # doctest: +SKIP
+        >>> light = train_control_model(model, suite["sst2"], neurons=LowRank(), share_weights=True, lr=2e-3)  # doctest: +SKIP
     """
-    copy_ = copy_model(base_model)
+    own = trained_parameter_names(base_model, neurons) if share_weights else None
+    copy_ = copy_model(base_model, share_except=own)
     result = finetune(copy_, task, neurons, **finetune_kwargs)
     return (copy_, result) if return_result else copy_
 
@@ -365,7 +412,7 @@ def shuffled_answers(task: Task, seed: int = 0) -> Task:
 
 
 def train_null_control_model(base_model: Any, task: Task, *, shuffle_seed: int = 0, neurons: NeuronSpec = None,
-                             return_result: bool = False, **finetune_kwargs: Any) -> Any:
+                             return_result: bool = False, share_weights: bool = False, **finetune_kwargs: Any) -> Any:
     """A *null control*: :func:`train_control_model` on ``task``'s prompts with shuffled answers.
 
     Same fine-tuning as the task control (pass the same keyword arguments), but the answers carry no
@@ -376,7 +423,7 @@ def train_null_control_model(base_model: Any, task: Task, *, shuffle_seed: int =
         >>> null = train_null_control_model(model, suite["sst2"], steps=30, lr=1e-4)   # doctest: +SKIP
     """
     return train_control_model(base_model, shuffled_answers(task, shuffle_seed), neurons=neurons,
-                               return_result=return_result, **finetune_kwargs)
+                               return_result=return_result, share_weights=share_weights, **finetune_kwargs)
 
 
 def _combined_fingerprint(model: Any) -> str:
@@ -429,8 +476,11 @@ def save_control_model(model: Any, path: str | os.PathLike, *, base_model: Any =
     return folder
 
 
-def load_control_model(base_model: Any, path: str | os.PathLike, *, check_base: bool = True) -> Any:
+def load_control_model(base_model: Any, path: str | os.PathLike, *, check_base: bool = True, share_weights: bool = False) -> Any:
     """Rebuild a saved control model: a deep copy of ``base_model`` with the saved tensors copied in.
+
+    With ``share_weights`` and a delta save, the copy shares every tensor the file does not hold with
+    ``base_model`` (:func:`copy_model` ``share_except``): memory for the saved tensors only.
 
     Raises:
         ValueError: missing files, an unknown format version, another model class or shape, a
@@ -455,7 +505,7 @@ def load_control_model(base_model: Any, path: str | os.PathLike, *, check_base: 
         raise ValueError(f"{folder} stores only the tensors that differ from its base, and this base_model is not that base "
                          "(its weights differ); pass the original base or check_base=False")
     tensors = load_file(str(folder / "weights.safetensors"))
-    model = copy.deepcopy(as_adapter(base_model).model)
+    model = copy_model(base_model, share_except=list(tensors) if share_weights and manifest["delta"] else None)
     params = dict(model.named_parameters())
     if not manifest["delta"] and set(tensors) != set(params):
         missing = sorted(set(params) - set(tensors))[:3]
@@ -470,6 +520,6 @@ def load_control_model(base_model: Any, path: str | os.PathLike, *, check_base: 
     return model
 
 
-__all__ = ["FinetuneResult", "UpdateMask", "trainable_neurons", "finetune", "train_control_model",
+__all__ = ["FinetuneResult", "UpdateMask", "trainable_neurons", "finetune", "train_control_model", "trained_parameter_names", "LowRank",
            "shuffled_answers", "train_null_control_model", "copy_model",
            "save_control_model", "load_control_model", "CONTROL_FORMAT_VERSION"]

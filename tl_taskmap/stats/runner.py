@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -238,10 +238,13 @@ class _LayerStatsProbe(Probe):
     """Feeds one :class:`_TaskAccumulator` per task from the driver's batches (what compare_models fills)."""
 
     def __init__(self, site_maps: dict[str, dict[Key, Site]], control_maps: dict[int, dict[Key, Site]], reduce: Reduction,
-                 pairs: list[tuple[str, str]], spectra: bool, sample_layers: set[int], sample_index: dict[str, np.ndarray]):
+                 pairs: list[tuple[str, str]], spectra: bool, sample_layers: set[int], sample_index: dict[str, np.ndarray],
+                 finish: Callable[[_TaskAccumulator], None]):
         self.site_maps, self.control_maps, self.reduce, self.pairs = site_maps, control_maps, reduce, pairs
         self.spectra, self.sample_layers, self.sample_index = spectra, sample_layers, sample_index
+        self.finish = finish
         self.tasks_: dict[str, _TaskAccumulator] = {}
+        self.finished_: set[str] = set()
         self._keys: dict[str, dict[str, tuple[Key, Site]]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
 
@@ -260,10 +263,21 @@ class _LayerStatsProbe(Probe):
                 batch_acts[name][key] = reduced = batch.reduce(x, self.reduce)
                 check_finite(reduced, site, self._dtypes[name])
         if batch.task not in self.tasks_:
+            if batch.task in self.finished_:
+                raise RuntimeError(f"task {batch.task!r} came back after its statistics were reduced; the driver runs tasks one at a time")
+            # Memory: a task's d×d accumulators (CKA per pair, covariance per model, for every layer) are reduced
+            # to numbers as soon as the driver moves on, so only one task's are alive at a time.
+            self.finish_all()
             here = [(a, b) for a, b in self.pairs if a in batch_acts and b in batch_acts]
             self.tasks_[batch.task] = _TaskAccumulator(batch.task, batch.cluster, here, self.spectra, self.sample_layers,
                                                        self.sample_index[batch.task])
         self.tasks_[batch.task].add(batch_acts, batch.start)
+
+    def finish_all(self) -> None:
+        """Reduce every open task to its numbers (``finish``) and drop its accumulators."""
+        for name in list(self.tasks_):
+            self.finish(self.tasks_.pop(name))
+            self.finished_.add(name)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -356,14 +370,14 @@ def compare_models(
         _check_n(len(prompts[task.name]), estimators if pairs else [], f"task {task.name!r}")
     n_aligned = max(k for site_map in site_maps.values() for k, _ in site_map) + 1
     sample_layers = _embedding_layers(embedding_layers, n_aligned)
+    out = _new_output()
     probe = _LayerStatsProbe(site_maps, {id(controls[t]): control_sites[t] for t in controls}, reduce, pairs, spectra, sample_layers,
-                             {t: _sample_index(len(p), max_samples_per_task, seed) for t, p in prompts.items()})
+                             {t: _sample_index(len(p), max_samples_per_task, seed) for t, p in prompts.items()},
+                             finish=lambda acc: acc.finish(out, estimators, keep_accumulators))
     # One forward per model per batch; each prompt tokenized once per tokenizer (token ids checked equal).
     Driver(adapters, [probe], batch_size=batch_size, padding_side=padding_side, prepend_bos=prepend_bos, include_targets=False,
            progress=progress).run(suite, task_models={t: {control_name: c} for t, c in controls.items()}, max_examples=max_examples)
-    out = _new_output()
-    for acc in probe.tasks_.values():
-        acc.finish(out, estimators, keep_accumulators)
+    probe.finish_all()
     meta = {
         "format_version": FORMAT_VERSION, "estimators": estimators, "control_name": control_name,
         "reduce": reduce if isinstance(reduce, (str, int)) else getattr(reduce, "__name__", "callable"),
