@@ -137,7 +137,9 @@ class RelevanceScores:
 
     @classmethod
     def empty(cls, n_layers: int, d_mlp: int, **kwargs: Any) -> "RelevanceScores":
-        """Zero scores for a model shape (the start of a stream). Example: ``RelevanceScores.empty(2, 8)``."""
+        """Zero scores for a model shape (the start of a stream). Example: ``RelevanceScores.empty(2, 8)``.
+
+        Subclasses inherit it over their units: ``HeadRelevanceScores.empty(n_layers, n_heads)``."""
         return cls(torch.zeros(n_layers, d_mlp), torch.zeros(n_layers, d_mlp), **kwargs)
 
     @property

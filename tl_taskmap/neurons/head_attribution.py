@@ -59,11 +59,6 @@ class HeadRelevanceScores(RelevanceScores):
             raise ValueError(f"these scores are over {meta['unit']}s, not heads: load them with RelevanceScores.load")
         super().__init__(sum_abs, signed_sum, meta={**meta, "unit": "head"}, **kwargs)
 
-    @classmethod
-    def empty(cls, n_layers: int, n_heads: int, **kwargs: Any) -> "HeadRelevanceScores":
-        """Zero scores for a model shape. Example: ``HeadRelevanceScores.empty(2, 4)``."""
-        return cls(torch.zeros(n_layers, n_heads), torch.zeros(n_layers, n_heads), **kwargs)
-
     @property
     def n_heads(self) -> int:
         return self.sum_abs.shape[1]
