@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any, Optional
 
 from tl_taskmap.tasks import Task
@@ -47,3 +48,11 @@ def write_json(path: Optional[str], out: Any) -> None:
     if path:
         with open(path, "w") as handle:
             json.dump(json_safe(out), handle, indent=1)
+
+
+def finish(out: dict[str, Any], start: float, path: Optional[str]) -> dict[str, Any]:
+    """Record and print the run time since ``start`` (``time.perf_counter()``), write ``out`` to ``path``; returns ``out``."""
+    out["seconds"] = time.perf_counter() - start
+    print(f"\ntotal {out['seconds']:.0f} s")
+    write_json(path, out)
+    return out

@@ -29,7 +29,7 @@ from tl_taskmap.neurons.masked_training import finetune
 from tl_taskmap.neurons.ncft import compare_methods
 from tl_taskmap.tasks import Task
 
-from _common import pick_tasks, write_json  # scripts/_common.py
+from _common import finish, pick_tasks  # scripts/_common.py
 
 
 def prepare(tasks: list[Task], n_train: int, n_eval: int, seed: int) -> tuple[list[Task], list[Task]]:
@@ -147,10 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  NCFT forgets less than sequential full FT (higher FG): {less} (FG {ncft['FG']:.1f}% vs {seq['FG']:.1f}%, "
               f"BWT {ncft['BWT']:+.3f} vs {seq['BWT']:+.3f}; loss BWT {ncft['loss_BWT']:+.3f} vs {seq['loss_BWT']:+.3f})")
         out["ncft_forgets_less_than_seq_ft"] = less
-    out["seconds"] = time.perf_counter() - start
-    print(f"\ntotal {out['seconds']:.0f}s")
-    write_json(args.out, out)
-    return out
+    return finish(out, start, args.out)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from tl_taskmap.neurons.masked_training import finetune
 from tl_taskmap.neurons.selection import select_all
 from tl_taskmap.tasks import Task
 
-from _common import pick_tasks, write_json  # scripts/_common.py
+from _common import finish, pick_tasks  # scripts/_common.py
 
 
 def split(task: Task, n_train: int, n_eval: int, seed: int) -> tuple[Task, Task]:
@@ -185,10 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["ncft"] = part_b(model, tasks, methods, args)
         for method, s in out["ncft"]["summary"].items():
             print(f"  {method}: {s}")
-    out["seconds"] = time.perf_counter() - start
-    print(f"\ntotal {out['seconds']:.0f} s")
-    write_json(args.out, out)
-    return out
+    return finish(out, start, args.out)
 
 
 if __name__ == "__main__":

@@ -364,9 +364,14 @@ class MeanActivationProbe(Probe):
         for model, acts in batch.acts.items():
             if self.model is not None and model != self.model:
                 continue
-            weights = batch.prompt_mask.to(torch.float64).unsqueeze(-1)
-            sums = torch.stack([(x.double() * weights.to(x.device)).sum((0, 1)).cpu() for x in acts.values()])
+            weights = batch.prompt_mask.to(torch.float64)
+            sums = torch.stack([self._sum_over_tokens(model, x, weights) for x in acts.values()])
             add_sum(self.sums_, self.n_tokens_, model, sums, int(weights.sum()))
+
+    def _sum_over_tokens(self, model: str, x: Tensor, weights: Tensor) -> Tensor:
+        """``Σ_{b,t} w[b,t] · x[b,t]`` in float64 on the CPU: one layer's ``[batch, pos, ...]`` activations."""
+        w = weights.to(x.device).reshape(*weights.shape, *[1] * (x.ndim - 2))
+        return (x.double() * w).sum((0, 1)).cpu()
 
     def result(self, model: Optional[str] = None) -> Float[Tensor, "n_layers d_mlp"]:
         if model is None:

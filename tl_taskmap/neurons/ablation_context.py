@@ -12,8 +12,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
 
 from tl_taskmap.models import ModelAdapter
 from tl_taskmap.neurons.sets import NeuronSet
@@ -55,3 +58,21 @@ def _prompts_of(source: Any) -> list[str]:
     if not prompts:
         raise ValueError("no reference prompts: pass at least one prompt or a Task")
     return prompts
+
+
+@contextlib.contextmanager
+def zeroed_slices(slices: Sequence[tuple[torch.nn.Parameter, int, torch.Tensor]]) -> Iterator[None]:
+    """Zero ``param.index_select(dim, index)`` for every ``(param, dim, index)`` inside the block; restore afterwards.
+
+    Every slice is saved before anything changes, so an interruption at any point restores cleanly.
+    """
+    saved = [(param, dim, index, param.detach().index_select(dim, index)) for param, dim, index in slices]
+    try:
+        with torch.no_grad():
+            for param, dim, index, _ in saved:
+                param.index_fill_(dim, index, 0)
+        yield
+    finally:
+        with torch.no_grad():
+            for param, dim, index, original in reversed(saved):  # reversed: shared tensors end up original
+                param.index_copy_(dim, index, original)

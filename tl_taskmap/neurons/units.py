@@ -332,6 +332,21 @@ class UnitSet:
                     f"{kind} was built for {self.SIZE}={self._size} but the model has {self.SIZE}={value} (layer {layer})"
                 )
 
+    def check_fits_model(self, n_layers: int, size: int | Sequence[int], action: str = "use") -> None:
+        """:meth:`check_compatible`, with the error naming the set and what could not be done with it.
+
+        Example:
+            >>> from tl_taskmap.neurons.sets import HeadSet
+            >>> HeadSet.empty(2, 9).check_fits_model(2, 4, "ablate")
+            Traceback (most recent call last):
+            ValueError: cannot ablate HeadSet on this model: HeadSet was built for n_heads=9 but the model has n_heads=4 (layer 0). Build the set for this model.
+        """
+        try:
+            self.check_compatible(n_layers, size)
+        except ValueError as err:
+            label = f" {self._name!r}" if self._name else ""
+            raise ValueError(f"cannot {action} {type(self).__name__}{label} on this model: {err}. Build the set for this model.") from None
+
     def _check_same_shape(self: S, other: object) -> S:
         kind = type(self).__name__
         if not isinstance(other, UnitSet) or other.UNIT != self.UNIT:
