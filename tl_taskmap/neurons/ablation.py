@@ -40,7 +40,7 @@ from tl_taskmap.evaluate import TaskScore, bootstrap_interval, evaluate_task
 from tl_taskmap.driver import Driver
 from tl_taskmap.hooks import tl_hooks
 from tl_taskmap.models import SITE_TEMPLATES, ModelAdapter, as_adapter
-from tl_taskmap.neurons.ablation_context import MODES, Ablation, AblationMode, _prompts_of, zeroed_slices
+from tl_taskmap.neurons.ablation_context import MODES, Ablation, AblationMode, _prompts_of, check_mean_tensor, zeroed_slices
 from tl_taskmap.neurons.sets import HeadSet, NeuronSet
 from tl_taskmap.probes import MeanActivationProbe
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
@@ -65,15 +65,8 @@ def check_neuron_set(model: Any, neurons: NeuronSet) -> ModelAdapter:
 
 
 def _check_means(adapter: ModelAdapter, means: Any) -> Tensor:
-    if means is None:
-        raise ValueError("mode='mean' needs mean_activations=[n_layers, d_mlp]; measure them with mean_activations(model, reference_prompts)")
-    means = torch.as_tensor(means).detach()
-    expected = (adapter.n_layers, adapter.d_mlp)
-    if tuple(means.shape) != expected:
-        raise ValueError(f"mean_activations has shape {tuple(means.shape)}, expected (n_layers, d_mlp) = {expected}")
-    if not means.is_floating_point() or not bool(torch.isfinite(means).all()):
-        raise ValueError("mean_activations must be finite floating-point values")
-    return means
+    return check_mean_tensor(means, (adapter.n_layers, adapter.d_mlp), "n_layers, d_mlp", missing=(
+        "mode='mean' needs mean_activations=[n_layers, d_mlp]; measure them with mean_activations(model, reference_prompts)"))
 
 
 @contextlib.contextmanager

@@ -76,3 +76,18 @@ def zeroed_slices(slices: Sequence[tuple[torch.nn.Parameter, int, torch.Tensor]]
         with torch.no_grad():
             for param, dim, index, original in reversed(saved):  # reversed: shared tensors end up original
                 param.index_copy_(dim, index, original)
+
+
+def check_mean_tensor(means: Any, expected: tuple[int, ...], dims: str, *, missing: str, hint: str = "") -> torch.Tensor:
+    """Validate ``mean_activations`` for ``mode="mean"``: given, of shape ``expected`` (named ``dims``), finite floats.
+
+    ``missing`` is the error when none were given; ``hint`` ends the wrong-shape error.
+    """
+    if means is None:
+        raise ValueError(missing)
+    means = torch.as_tensor(means).detach()
+    if tuple(means.shape) != expected:
+        raise ValueError(f"mean_activations has shape {tuple(means.shape)}, expected ({dims}) = {expected}{hint}")
+    if not means.is_floating_point() or not bool(torch.isfinite(means).all()):
+        raise ValueError("mean_activations must be finite floating-point values")
+    return means

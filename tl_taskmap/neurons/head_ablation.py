@@ -31,7 +31,7 @@ from torch import Tensor
 
 from tl_taskmap.driver import Driver
 from tl_taskmap.models import ModelAdapter, as_adapter
-from tl_taskmap.neurons.ablation_context import MODES, Ablation, AblationMode, _prompts_of, zeroed_slices
+from tl_taskmap.neurons.ablation_context import MODES, Ablation, AblationMode, _prompts_of, check_mean_tensor, zeroed_slices
 from tl_taskmap.neurons.heads import HeadLayout, check_head_set, head_layout, head_output_weight, split_heads
 from tl_taskmap.neurons.sets import HeadSet
 from tl_taskmap.probes import MeanActivationProbe
@@ -47,17 +47,11 @@ def check_head_means(model: Any, means: Any) -> Tensor:
         >>> check_head_means(model, head_mean_activations(model, prompts)).shape   # doctest: +SKIP
     """
     layout = head_layout(model)
-    if means is None:
-        raise ValueError("mode='mean' needs mean_activations=[n_layers, n_heads, d_head] for a HeadSet; "
-                         "measure them with head_mean_activations(model, reference_prompts)")
-    means = torch.as_tensor(means).detach()
-    expected = (layout.n_layers, layout.n_heads, layout.d_head)
-    if tuple(means.shape) != expected:
-        raise ValueError(f"mean_activations has shape {tuple(means.shape)}, expected (n_layers, n_heads, d_head) = {expected} "
-                         "for a HeadSet (head_mean_activations measures them)")
-    if not means.is_floating_point() or not bool(torch.isfinite(means).all()):
-        raise ValueError("mean_activations must be finite floating-point values")
-    return means
+    return check_mean_tensor(
+        means, (layout.n_layers, layout.n_heads, layout.d_head), "n_layers, n_heads, d_head",
+        missing=("mode='mean' needs mean_activations=[n_layers, n_heads, d_head] for a HeadSet; "
+                 "measure them with head_mean_activations(model, reference_prompts)"),
+        hint=" for a HeadSet (head_mean_activations measures them)")
 
 
 @contextlib.contextmanager
