@@ -51,10 +51,6 @@ def test_activation_zero_equals_parameter_zero(any_model):
     torch.testing.assert_close(post_params, post_zero, atol=1e-5, rtol=0)
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("mode", ["zero", "mean", "params"])
 def test_model_restored_exactly_on_every_exit(any_model, mode):
     a, batch, base = warm(any_model)

@@ -89,10 +89,6 @@ def test_zero_ablation_zeroes_exactly_the_heads_outputs(head_model):
     assert torch.all(per_head[:, :, 1:-1].abs().sum((0, 1, 3)) > 0)
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("mode", ["zero", "mean", "params"])
 def test_model_restored_exactly_on_every_exit(head_model, mode):
     a, batch, base = warm(head_model)

@@ -37,10 +37,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_taskmap.evaluate import TaskScore, bootstrap_interval, evaluate_task
-from tl_taskmap.driver import Driver
 from tl_taskmap.hooks import tl_hooks
 from tl_taskmap.models import SITE_TEMPLATES, ModelAdapter, as_adapter
-from tl_taskmap.neurons.ablation_context import MODES, Ablation, AblationMode, _prompts_of, check_mean_tensor, zeroed_slices
+from tl_taskmap.neurons.ablation_context import (  # noqa: F401 - _prompts_of re-exported
+    MODES, Ablation, AblationMode, _prompts_of, check_mean_tensor, measure_means, zeroed_slices,
+)
 from tl_taskmap.neurons.sets import HeadSet, NeuronSet
 from tl_taskmap.probes import MeanActivationProbe
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
@@ -181,11 +182,8 @@ def mean_activations(
         >>> means = mean_activations(model, reference_task)                                  # doctest: +SKIP
         >>> with ablate(model, neurons, mode="mean", mean_activations=means): ...           # doctest: +SKIP
     """
-    prompts = _prompts_of(prompts_or_task)
-    adapter = as_adapter(model)
-    probe = MeanActivationProbe()
-    Driver(adapter, [probe], batch_size=batch_size, prepend_bos=prepend_bos, include_targets=False, progress=progress).run(prompts)
-    return probe.result()
+    return measure_means(MeanActivationProbe(), as_adapter(model), prompts_or_task, batch_size=batch_size, prepend_bos=prepend_bos,
+                         progress=progress)
 
 
 # ---------------------------------------------------------------------------- effects

@@ -18,8 +18,10 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
+from tl_taskmap.driver import Driver
 from tl_taskmap.models import ModelAdapter
 from tl_taskmap.neurons.sets import NeuronSet
+from tl_taskmap.probes import MeanActivationProbe
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
 
 __all__ = ["MODES", "Ablation", "AblationMode"]
@@ -47,6 +49,15 @@ class Ablation:
     @property
     def model(self) -> Any:
         return self.adapter.model
+
+
+def measure_means(probe: MeanActivationProbe, model: Any, prompts_or_task: Any, **options: Any) -> torch.Tensor:
+    """Feed the prompts of ``prompts_or_task`` (no targets) to a mean-activation probe through the driver; its result.
+
+    ``options`` go to :class:`~tl_taskmap.driver.Driver` (``batch_size``, ``prepend_bos``, ``progress``).
+    """
+    Driver(model, [probe], include_targets=False, **options).run(_prompts_of(prompts_or_task))
+    return probe.result()
 
 
 def _prompts_of(source: Any) -> list[str]:

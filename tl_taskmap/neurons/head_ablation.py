@@ -29,9 +29,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_taskmap.driver import Driver
 from tl_taskmap.models import ModelAdapter, as_adapter
-from tl_taskmap.neurons.ablation_context import MODES, Ablation, AblationMode, _prompts_of, check_mean_tensor, zeroed_slices
+from tl_taskmap.neurons.ablation_context import MODES, Ablation, AblationMode, check_mean_tensor, measure_means, zeroed_slices
 from tl_taskmap.neurons.heads import HeadLayout, check_head_set, head_layout, head_output_weight, split_heads
 from tl_taskmap.neurons.sets import HeadSet
 from tl_taskmap.probes import MeanActivationProbe
@@ -148,18 +147,14 @@ class HeadMeanActivationProbe(MeanActivationProbe):
         return super()._sum_over_tokens(model, split_heads(x, layout.n_heads, layout.d_head), weights)
 
 
-def head_mean_activations(
-    model: Any,
-    prompts_or_task: Sequence[str] | Task | TaskSuite | Sequence[Task],
-    *,
-    batch_size: int = 8,
-    prepend_bos: Optional[bool] = None,
-    progress: bool = False,
-) -> Float[Tensor, "n_layers n_heads d_head"]:
+def head_mean_activations(model: Any, prompts_or_task: Sequence[str] | Task | TaskSuite | Sequence[Task],
+                          **options: Any) -> Float[Tensor, "n_layers n_heads d_head"]:
     """Mean ``hook_z`` output of every head over all real tokens of a reference set (float64 sums).
 
     Every real (non-padding) token of every prompt counts once, BOS included; for tasks the prompts
-    are used. Hooks already on the model apply; measure outside any ablation.
+    are used. Hooks already on the model apply; measure outside any ablation. Takes the keyword
+    options of :func:`~tl_taskmap.neurons.ablation.mean_activations` (``batch_size=8``,
+    ``prepend_bos=None``, ``progress=False``).
 
     Returns:
         float32 means on the CPU, ready for ``ablate(model, heads, mode="mean", mean_activations=...)``.
@@ -167,7 +162,4 @@ def head_mean_activations(
     Example:
         >>> means = head_mean_activations(model, reference_task)   # doctest: +SKIP
     """
-    probe = HeadMeanActivationProbe()
-    Driver(as_adapter(model), [probe], batch_size=batch_size, prepend_bos=prepend_bos, include_targets=False,
-           progress=progress).run(_prompts_of(prompts_or_task))
-    return probe.result()
+    return measure_means(HeadMeanActivationProbe(), as_adapter(model), prompts_or_task, **options)
