@@ -94,11 +94,22 @@ class UnitSet:
     def __init__(
         self,
         n_layers: int,
-        size: int,
+        size: int | None = None,
         indices_by_layer: Mapping[int, Any] | None = None,
         name: str | None = None,
         meta: Mapping[str, Any] | None = None,
+        **size_by_name: int,
     ) -> None:
+        # The size may also be passed under the kind's own name: NeuronSet(n_layers=2, d_mlp=8), HeadSet(..., n_heads=9).
+        unknown = set(size_by_name) - {self.SIZE}
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) {sorted(unknown)}")
+        if self.SIZE in size_by_name:
+            if size is not None:
+                raise TypeError(f"{type(self).__name__}() got {self.SIZE} twice (positionally and by name)")
+            size = size_by_name[self.SIZE]
+        if size is None:
+            raise TypeError(f"{type(self).__name__}() missing the per-layer size {self.SIZE}")
         n_layers = _positive_int(n_layers, "n_layers")
         size = _positive_int(size, self.SIZE)
         if name is not None and not isinstance(name, str):
