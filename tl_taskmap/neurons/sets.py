@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch  # noqa: F401 - the doctests use it
-from jaxtyping import Bool, Float
+from jaxtyping import Bool
 from torch import Tensor
 
 from tl_taskmap.neurons.units import FORMAT_VERSION, UnitSet
