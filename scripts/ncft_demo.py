@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import time
 from typing import Any
@@ -30,18 +29,7 @@ from tl_taskmap.neurons.masked_training import finetune
 from tl_taskmap.neurons.ncft import compare_methods
 from tl_taskmap.tasks import Task
 
-
-def pick_tasks(suite: Any, names: str | None, n: int) -> list[Task]:
-    """Named tasks, or the first ``n`` multiple-choice, non-control tasks of distinct clusters in suite order."""
-    if names:
-        return [suite[name.strip()] for name in names.split(",")]
-    chosen: list[Task] = []
-    for task in suite:
-        if task.metric == "accuracy" and not task.meta.get("control") and task.cluster not in {t.cluster for t in chosen}:
-            chosen.append(task)
-        if len(chosen) == n:
-            break
-    return chosen
+from _common import finish, pick_tasks  # scripts/_common.py
 
 
 def prepare(tasks: list[Task], n_train: int, n_eval: int, seed: int) -> tuple[list[Task], list[Task]]:
@@ -81,17 +69,6 @@ def task_vs_random(model: Any, train: list[Task], held_out: list[Task], args: ar
               f"train-task {row['train_task']:.3f} ({row['train_task_loss']:.3f}) | final train loss random "
               f"{row['train_random_train_loss']:.3f}, task {row['train_task_train_loss']:.3f}", flush=True)
     return rows
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN -> null (strict JSON), recursively."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -170,12 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  NCFT forgets less than sequential full FT (higher FG): {less} (FG {ncft['FG']:.1f}% vs {seq['FG']:.1f}%, "
               f"BWT {ncft['BWT']:+.3f} vs {seq['BWT']:+.3f}; loss BWT {ncft['loss_BWT']:+.3f} vs {seq['loss_BWT']:+.3f})")
         out["ncft_forgets_less_than_seq_ft"] = less
-    out["seconds"] = time.perf_counter() - start
-    print(f"\ntotal {out['seconds']:.0f}s")
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(_json_safe(out), handle, indent=1)
-    return out
+    return finish(out, start, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import time
 from typing import Any
@@ -38,20 +37,7 @@ from tl_taskmap.neurons.masked_training import finetune
 from tl_taskmap.neurons.selection import select_all
 from tl_taskmap.tasks import Task
 
-
-def pick_tasks(suite: Any, names: str | None, n: int) -> list[Task]:
-    """Named tasks, or the first ``n`` multiple-choice, non-control tasks of distinct clusters."""
-    if names:
-        return [suite[name.strip()] for name in names.split(",")]
-    chosen: list[Task] = []
-    for task in suite:
-        if task.metric == "accuracy" and not task.meta.get("control") and task.cluster not in {t.cluster for t in chosen}:
-            chosen.append(task)
-        if len(chosen) == n:
-            break
-    if len(chosen) < n:
-        raise SystemExit(f"the suite has only {len(chosen)} multiple-choice tasks of distinct clusters; pass --tasks")
-    return chosen
+from _common import finish, pick_tasks  # scripts/_common.py
 
 
 def split(task: Task, n_train: int, n_eval: int, seed: int) -> tuple[Task, Task]:
@@ -151,16 +137,6 @@ def part_b(model: Any, tasks: list[Task], methods: list[str], args: argparse.Nam
     return {"runs": runs, "summary": summary}
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=None, help="comma-separated suite task names (default: 3 MC tasks of distinct clusters)")
@@ -189,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     start = time.perf_counter()
     model = load_default_model(device=args.device)
-    tasks = pick_tasks(default_suite(), args.tasks, args.n_tasks)
+    tasks = pick_tasks(default_suite(), args.tasks, args.n_tasks, require_n=True)
     methods = [m.strip() for m in args.methods.split(",")]
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     print(f"model: SmolLM2-135M-Instruct | tasks: {[t.name for t in tasks]} | settings: {settings}", flush=True)
@@ -209,12 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["ncft"] = part_b(model, tasks, methods, args)
         for method, s in out["ncft"]["summary"].items():
             print(f"  {method}: {s}")
-    out["seconds"] = time.perf_counter() - start
-    print(f"\ntotal {out['seconds']:.0f} s")
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(_json_safe(out), handle, indent=1)
-    return out
+    return finish(out, start, args.out)
 
 
 if __name__ == "__main__":

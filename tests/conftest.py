@@ -15,6 +15,16 @@ def _threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for module-scoped fixtures that run tiny models (they are set up before the per-test
+    ``_threads``; tiny models run far faster on one thread, above all on a busy CI machine); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=tiny_models.MODEL_KINDS)
 def any_model(request):
     """Every tiny model: both backends (HookedTransformer only where TransformerLens has it), both MLP kinds."""

@@ -1,4 +1,4 @@
-"""Shared test helpers: one tiny task suite and one check that a model was left exactly as it was."""
+"""Shared test helpers: one tiny task suite and checks that a model was left exactly as it was."""
 
 from __future__ import annotations
 
@@ -47,3 +47,31 @@ def assert_model_unchanged(model: Any) -> Iterator[None]:
     after = model_state(model)
     changed = [key for key in before if before[key] != after[key]]
     assert not changed, f"the model changed: {changed}"
+
+
+def assert_ablation_restores_on_every_exit(model: Any, units: Any, mode: str, means: Any, adapter: Any, batch: Any, base: Any) -> None:
+    """Inside ``ablate(model, units, mode)`` the model is changed (hooks, or parameters for ``"params"``); after a normal
+    exit, an exception or a KeyboardInterrupt it is restored exactly (parameters, hooks, the logits of ``batch``)."""
+    import torch
+
+    from tl_taskmap.neurons.ablation import ablate
+
+    fingerprint, hooks = parameter_fingerprint(model), hook_point_hook_counts(model)
+    for raised in (None, RuntimeError, KeyboardInterrupt):
+        try:
+            with ablate(model, units, mode, mean_activations=means):
+                with torch.no_grad():
+                    changed = adapter.forward(batch)
+                if mode == "params":
+                    assert parameter_fingerprint(model) != fingerprint
+                else:
+                    assert hook_point_hook_counts(model) != hooks
+                if raised is not None:
+                    raise raised("stop")
+        except (RuntimeError, KeyboardInterrupt) as err:
+            assert type(err) is raised
+        assert not torch.allclose(changed, base)
+        assert parameter_fingerprint(model) == fingerprint, raised
+        assert hook_point_hook_counts(model) == hooks, raised
+        with torch.no_grad():
+            assert torch.equal(adapter.forward(batch), base)

@@ -33,14 +33,6 @@ pytestmark = pytest.mark.slow
 HANG_GUARD_S = 600  # a generous guard against a hung child, never a speed check
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_map(config: MapConfig, **kwargs) -> tuple[object, list[str]]:
     logs: list[str] = []
     return map_model(config, progress=False, log=logs.append, **kwargs), logs

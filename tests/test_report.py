@@ -26,15 +26,6 @@ FIGURES = {"baseline", "cka_curves", "dims_99", "task_vs_null", "relevance_by_la
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    # Tiny models run far faster on one thread, above all on a busy CI machine; restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_tasks(folder: Path) -> list[str]:
     """Two tiny tasks in the two file formats a user brings: a BIG-bench task.json and a jsonl file."""
     words = "the quick brown fox jumps over the lazy dog".split()

@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from tests.test_report import one_thread, tiny_config, write_tasks  # noqa: F401 - fixtures
+from tests.test_report import tiny_config, write_tasks
 from tl_taskmap.report import map_model
 from tl_taskmap.stats.inference import holm
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, one_thread):  # noqa: F811
+def report(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("report_inference")
     config = tiny_config(root / "out", write_tasks(root / "tasks"), examples=12, seeds=3, train_controls=0)
     return map_model(config, progress=False, log=lambda message: None)

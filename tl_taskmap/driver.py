@@ -271,8 +271,12 @@ class Driver:
                 if hook_name in store:
                     raise RuntimeError(f"{hook_name} fired twice in one forward pass; probes need each hook point once")
                 out = None
-                if hook_name in grad_hooks and not act.requires_grad:  # frozen parameters: the graph starts here
-                    act = out = act.detach().requires_grad_(True)
+                if hook_name in grad_hooks:
+                    if not act.requires_grad:  # frozen parameters: the graph starts here
+                        act = act.detach().requires_grad_(True)
+                    # Handed back even when unchanged: on the bridge, the tensor attn.hook_z sees stays in
+                    # the graph of the loss only when the hook returns it.
+                    out = act
                 store[hook_name] = act
                 if stop and len(store) == len(hooks):
                     raise _StopForward

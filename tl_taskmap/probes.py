@@ -242,6 +242,18 @@ def unkeyed_state(state: dict[str, Any]) -> dict[tuple, dict[str, Tensor]]:
     return out
 
 
+def add_sum(sums: dict[Any, Tensor], counts: dict[Any, int], key: Any, total: Tensor, n: int) -> None:
+    """Add ``total`` (a sum over ``n`` items) to a keyed running sum and its count (in place)."""
+    sums[key] = sums[key] + total if key in sums else total
+    counts[key] = counts.get(key, 0) + n
+
+
+def merge_sums(sums: dict[Any, Tensor], counts: dict[Any, int], other_sums: dict[Any, Tensor], other_counts: dict[Any, int]) -> None:
+    """Merge another probe's keyed running sums and counts into these (in place; new keys are copied)."""
+    for key, total in other_sums.items():
+        add_sum(sums, counts, key, total if key in sums else total.clone(), other_counts[key])
+
+
 class SiteProbe(Probe):
     """A probe over fixed sites of every model (or one ``model``), reduced per example."""
 
@@ -352,10 +364,14 @@ class MeanActivationProbe(Probe):
         for model, acts in batch.acts.items():
             if self.model is not None and model != self.model:
                 continue
-            weights = batch.prompt_mask.to(torch.float64).unsqueeze(-1)
-            sums = torch.stack([(x.double() * weights.to(x.device)).sum((0, 1)).cpu() for x in acts.values()])
-            self.sums_[model] = self.sums_[model] + sums if model in self.sums_ else sums
-            self.n_tokens_[model] = self.n_tokens_.get(model, 0) + int(weights.sum())
+            weights = batch.prompt_mask.to(torch.float64)
+            sums = torch.stack([self._sum_over_tokens(model, x, weights) for x in acts.values()])
+            add_sum(self.sums_, self.n_tokens_, model, sums, int(weights.sum()))
+
+    def _sum_over_tokens(self, model: str, x: Tensor, weights: Tensor) -> Tensor:
+        """``Σ_{b,t} w[b,t] · x[b,t]`` in float64 on the CPU: one layer's ``[batch, pos, ...]`` activations."""
+        w = weights.to(x.device).reshape(*weights.shape, *[1] * (x.ndim - 2))
+        return (x.double() * w).sum((0, 1)).cpu()
 
     def result(self, model: Optional[str] = None) -> Float[Tensor, "n_layers d_mlp"]:
         if model is None:
@@ -366,9 +382,7 @@ class MeanActivationProbe(Probe):
 
     def merge(self, other: "MeanActivationProbe") -> "MeanActivationProbe":
         self._check_same_kind(other)
-        for model, sums in other.sums_.items():
-            self.sums_[model] = self.sums_[model] + sums if model in self.sums_ else sums.clone()
-            self.n_tokens_[model] = self.n_tokens_.get(model, 0) + other.n_tokens_[model]
+        merge_sums(self.sums_, self.n_tokens_, other.sums_, other.n_tokens_)
         return self
 
     def state_dict(self) -> dict[str, Any]:

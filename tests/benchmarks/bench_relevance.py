@@ -28,10 +28,8 @@ oversubscribe the cores and single timings then vary by 5x.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.tiny_models (the tokenizer)
 
+from _bench import add_model_arguments, print_medians, time_interleaved, timed  # noqa: E402,F401 - timed re-exported
 from tl_taskmap.evaluate import answer_nll  # noqa: E402
 from tl_taskmap.models import TokenBatch, as_adapter  # noqa: E402
 from tl_taskmap.neurons.attribution import GradXActRelevance, _relevance_mode, answer_nll_at_answers, position_mask  # noqa: E402
@@ -53,7 +52,8 @@ def build_random_llama(args: argparse.Namespace, folder: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_mlp, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=3 if args.smollm_shape else args.heads, max_position_embeddings=max(args.seq, 64),
+        num_attention_heads=args.heads, max_position_embeddings=max(args.seq, 64),
+        num_key_value_heads=3 if getattr(args, "smollm_shape", False) else (getattr(args, "kv_heads", None) or args.heads),
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -75,6 +75,18 @@ def make_batches(adapter: Any, args: argparse.Namespace) -> list[TokenBatch]:
         target[:, -args.answer_len :] = True
         batches.append(TokenBatch(tokens, mask, target, "left"))
     return batches
+
+
+def load_model_and_batches(args: argparse.Namespace, prefix: str) -> tuple[Any, Any, list[TokenBatch]]:
+    """The model of ``--model`` (default: a random LLaMA-shaped one) as a TransformerBridge in eval mode, its adapter, the batches."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        folder = Path(args.model) if args.model else build_random_llama(args, Path(tmp))
+        model = TransformerBridge.boot_transformers(str(folder), device=args.device)
+    model.eval()
+    adapter = as_adapter(model)
+    return model, adapter, make_batches(adapter, args)
 
 
 def run_relevance(adapter: Any, batches: list[TokenBatch]) -> torch.Tensor:
@@ -134,32 +146,10 @@ def run_captum(adapter: Any, batches: list[TokenBatch]) -> torch.Tensor:
     return scores
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a local Hugging Face model folder (default: a random LLaMA-shaped model)")
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--d-mlp", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--answer-len", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=2, help="batches per timed run")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    add_model_arguments(parser, heads=4, repeats=3, model_help="a local Hugging Face model folder (default: a random LLaMA-shaped model)")
     parser.add_argument("--skip-naive", action="store_true", help="skip (c), which costs n_layers passes")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--smollm-shape", action="store_true",
                         help="a random model of SmolLM2-135M's shape: 30 layers, d_model 576, d_mlp 1536, 9 heads (3 kv), vocab 49152")
     parser.add_argument("--threads", type=int, default=1,
@@ -171,15 +161,8 @@ def main() -> None:
     if args.smollm_shape:
         args.layers, args.d_model, args.d_mlp, args.heads, args.vocab = 30, 576, 1536, 9, 49152
 
-    from transformer_lens.model_bridge import TransformerBridge
-
-    with tempfile.TemporaryDirectory(prefix="bench_relevance_") as tmp:
-        folder = Path(args.model) if args.model else build_random_llama(args, Path(tmp))
-        model = TransformerBridge.boot_transformers(str(folder), device=args.device)
-    model.eval()
-    adapter = as_adapter(model)
+    model, adapter, batches = load_model_and_batches(args, "bench_relevance_")
     device = adapter.device
-    batches = make_batches(adapter, args)
     print(f"{adapter}\n{args.batches} batches of {args.batch} x {args.seq} tokens, answer {args.answer_len} tokens, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
 
@@ -195,18 +178,8 @@ def main() -> None:
         methods["captum (d)"] = lambda: run_captum(adapter, batches)
     except ImportError:
         print("captum is not installed: skipping (d); install it with `pip install -e \".[bench]\"`")
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    outputs: dict[str, Any] = {}
-    for repeat in range(args.warmup + args.repeats):
-        for name, fn in methods.items():  # interleaved, so load drift affects all methods alike
-            seconds, outputs[name] = timed(fn, device)
-            if repeat >= args.warmup:
-                times[name].append(seconds)
-
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    for name, value in medians.items():
-        spread = f"[{min(times[name]):.3f} .. {max(times[name]):.3f}]"
-        print(f"{name:<22} median {value:8.3f} s  {spread}")
+    times, outputs = time_interleaved(methods, device, args.warmup, args.repeats)
+    medians = print_medians(times)
     a, b = medians["relevance (a)"], medians["plain fwd+bwd (b)"]
     print(f"ratio a/b (relevance / plain forward+backward): {a / b:.3f}  (target <= 1.10)")
     if "naive per-layer (c)" in medians:

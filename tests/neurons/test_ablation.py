@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.helpers import assert_ablation_restores_on_every_exit
 from tl_taskmap.evaluate import evaluate_task
 from tl_taskmap.models import as_adapter, hook_point_hook_counts, parameter_fingerprint
 from tl_taskmap.neurons.ablation import ablate, ablation_effect, ablation_effects, mean_activations
@@ -50,32 +51,12 @@ def test_activation_zero_equals_parameter_zero(any_model):
     torch.testing.assert_close(post_params, post_zero, atol=1e-5, rtol=0)
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("mode", ["zero", "mean", "params"])
 def test_model_restored_exactly_on_every_exit(any_model, mode):
     a, batch, base = warm(any_model)
     neurons = some_neurons(a)
     means = torch.randn(a.n_layers, a.d_mlp) if mode == "mean" else None
-    fingerprint, hooks = parameter_fingerprint(any_model), hook_point_hook_counts(any_model)
-    for raised in (None, RuntimeError, KeyboardInterrupt):
-        try:
-            with ablate(any_model, neurons, mode, mean_activations=means):
-                changed = a.forward(batch)
-                if mode == "params":
-                    assert parameter_fingerprint(any_model) != fingerprint
-                else:
-                    assert hook_point_hook_counts(any_model) != hooks
-                if raised is not None:
-                    raise raised("stop")
-        except (RuntimeError, KeyboardInterrupt) as err:
-            assert type(err) is raised
-        assert not torch.allclose(changed, base)
-        assert parameter_fingerprint(any_model) == fingerprint, raised
-        assert hook_point_hook_counts(any_model) == hooks, raised
-        assert torch.equal(a.forward(batch), base)
+    assert_ablation_restores_on_every_exit(any_model, neurons, mode, means, a, batch, base)
 
 
 def test_empty_set_is_exact_noop(any_model):

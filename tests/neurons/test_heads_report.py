@@ -10,7 +10,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from tests.test_report import one_thread, tiny_config, write_tasks  # noqa: F401 - fixture
+from tests.test_report import tiny_config, write_tasks
 from tl_taskmap.neurons.head_attribution import HeadRelevanceScores
 from tl_taskmap.neurons.sets import HeadSet
 from tl_taskmap.report import MapConfig, map_model
@@ -19,7 +19,7 @@ HEAD_FIGURES = {"head_relevance", "relevance_neurons_vs_heads", "head_overlap", 
 
 
 @pytest.fixture(scope="module")
-def heads_report(tmp_path_factory, one_thread):  # noqa: F811
+def heads_report(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("heads_report")
     config = tiny_config(root / "out", write_tasks(root / "tasks"), train_controls=0)
     return map_model(config, progress=False, log=lambda message: None)
@@ -52,7 +52,7 @@ def test_heads_stage_writes_files_and_section(heads_report):
 
 
 @pytest.mark.slow
-def test_heads_false_skips_the_stage_and_section(heads_report, tmp_path, one_thread):  # noqa: F811
+def test_heads_false_skips_the_stage_and_section(heads_report, tmp_path, one_thread):
     out = tmp_path / "copy"
     shutil.copytree(heads_report.out, out)
     config = MapConfig.from_dict({**heads_report.config.to_dict(), "out": str(out), "heads": False})

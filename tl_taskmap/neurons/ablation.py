@@ -37,10 +37,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_taskmap.evaluate import TaskScore, bootstrap_interval, evaluate_task
-from tl_taskmap.driver import Driver
 from tl_taskmap.hooks import tl_hooks
 from tl_taskmap.models import SITE_TEMPLATES, ModelAdapter, as_adapter
-from tl_taskmap.neurons.ablation_context import MODES, Ablation, AblationMode, _prompts_of
+from tl_taskmap.neurons.ablation_context import (  # noqa: F401 - _prompts_of re-exported
+    MODES, Ablation, AblationMode, _prompts_of, check_mean_tensor, measure_means, zeroed_slices,
+)
 from tl_taskmap.neurons.sets import HeadSet, NeuronSet
 from tl_taskmap.probes import MeanActivationProbe
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
@@ -60,24 +61,13 @@ def check_neuron_set(model: Any, neurons: NeuronSet) -> ModelAdapter:
         raise TypeError(f"expected a NeuronSet, got {type(neurons).__name__}")
     if adapter.d_mlp is None:
         raise ValueError("the model has no MLP neurons (cfg.d_mlp is unset); there is nothing to ablate")
-    try:
-        neurons.check_compatible(adapter.n_layers, adapter.d_mlp)
-    except ValueError as err:
-        label = f" {neurons.name!r}" if neurons.name else ""
-        raise ValueError(f"cannot ablate NeuronSet{label} on this model: {err}. Build the set for this model.") from None
+    neurons.check_fits_model(adapter.n_layers, adapter.d_mlp, "ablate")
     return adapter
 
 
 def _check_means(adapter: ModelAdapter, means: Any) -> Tensor:
-    if means is None:
-        raise ValueError("mode='mean' needs mean_activations=[n_layers, d_mlp]; measure them with mean_activations(model, reference_prompts)")
-    means = torch.as_tensor(means).detach()
-    expected = (adapter.n_layers, adapter.d_mlp)
-    if tuple(means.shape) != expected:
-        raise ValueError(f"mean_activations has shape {tuple(means.shape)}, expected (n_layers, d_mlp) = {expected}")
-    if not means.is_floating_point() or not bool(torch.isfinite(means).all()):
-        raise ValueError("mean_activations must be finite floating-point values")
-    return means
+    return check_mean_tensor(means, (adapter.n_layers, adapter.d_mlp), "n_layers, d_mlp", missing=(
+        "mode='mean' needs mean_activations=[n_layers, d_mlp]; measure them with mean_activations(model, reference_prompts)"))
 
 
 @contextlib.contextmanager
@@ -163,22 +153,10 @@ def _zeroed_params(adapter: ModelAdapter, neurons: NeuronSet) -> Iterator[None]:
     act_fn = str(getattr(adapter.model.cfg, "act_fn", "") or "").lower()
     if "solu" in act_fn:
         raise ValueError(f"mode='params' is not exact for act_fn={act_fn!r} (its LayerNorm mixes neurons); use mode='zero'")
-    # Save every slice before changing anything, so an interruption at any point restores cleanly.
-    saved = []
-    for layer in neurons.layers():
-        index = neurons.indices(layer)
-        for p in adapter.neuron_params(layer):
-            on_device = index.to(p.param.device)
-            saved.append((p.param, p.dim, on_device, p.param.detach().index_select(p.dim, on_device)))
-    try:
-        with torch.no_grad():
-            for param, dim, index, _ in saved:
-                param.index_fill_(dim, index, 0)
+    slices = [(p.param, p.dim, neurons.indices(layer).to(p.param.device))
+              for layer in neurons.layers() for p in adapter.neuron_params(layer)]
+    with zeroed_slices(slices):
         yield
-    finally:
-        with torch.no_grad():
-            for param, dim, index, original in reversed(saved):  # reversed: shared tensors end up original
-                param.index_copy_(dim, index, original)
 
 
 # ---------------------------------------------------------------------------- mean activations
@@ -204,11 +182,8 @@ def mean_activations(
         >>> means = mean_activations(model, reference_task)                                  # doctest: +SKIP
         >>> with ablate(model, neurons, mode="mean", mean_activations=means): ...           # doctest: +SKIP
     """
-    prompts = _prompts_of(prompts_or_task)
-    adapter = as_adapter(model)
-    probe = MeanActivationProbe()
-    Driver(adapter, [probe], batch_size=batch_size, prepend_bos=prepend_bos, include_targets=False, progress=progress).run(prompts)
-    return probe.result()
+    return measure_means(MeanActivationProbe(), as_adapter(model), prompts_or_task, batch_size=batch_size, prepend_bos=prepend_bos,
+                         progress=progress)
 
 
 # ---------------------------------------------------------------------------- effects

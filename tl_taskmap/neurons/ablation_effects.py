@@ -332,29 +332,11 @@ def _per_example_fields(score: TaskScore) -> dict[str, Any]:
 
 
 def specificity(matrix: AblationMatrix, *, alpha: float = 0.05, power: float = 0.8) -> pd.DataFrame:
-    """Per task: how much more its own neurons matter than random neurons and other tasks' neurons, with tests.
-
-    A drop is ``baseline − ablated`` (positive: worse). For each evaluated task ``t`` with a set of
-    the same name: ``own_drop`` (ablating ``t``'s set), ``random_drop`` (mean over the matched random
-    sets), ``other_drop`` (mean over the sets named after the other evaluated tasks), and
-    ``vs_random = own_drop − random_drop``, ``vs_other = own_drop − other_drop``, each with a
-    ``1 − alpha`` interval, a p-value and the Holm-adjusted p-value over the tasks that are above
-    chance (see :func:`specificity_effects` for the intervals). ``loss_vs_random`` / ``loss_vs_other``
-    are the same differences of answer-loss increases, with the same intervals.
-
-    Also: ``n`` (evaluation examples), ``n_seeds``, the above-chance test of the baseline
-    (:func:`above_chance_tests`; a task that is not above chance is flagged ``above_chance=False`` and
-    left out of the Holm families), ``own_changed`` / ``vs_*_changed`` (examples whose score the own
-    set changes / that differ between own and comparison rows: 0 means no prediction flipped, and the
-    interval is NaN rather than ``[0, 0]``), ``random_flip_rate`` (share of right answers a random set
-    turns wrong) and ``mde_80``: the smallest own-vs-random accuracy drop this run detects with
-    ``power`` (:func:`~tl_taskmap.stats.inference.minimum_detectable_drop` at the task's ``n``,
-    seeds, baseline accuracy, random flip rate and between-seed spread; 0/1 metrics only).
-
-    Example:
-        >>> specificity(matrix)[["task", "vs_random", "vs_random_low", "vs_random_high", "vs_random_p_holm"]]   # doctest: +SKIP
-    """
     return specificity_table(matrix, alpha=alpha, power=power)
+
+
+# One text for both names: the columns are documented where they are computed.
+specificity.__doc__ = specificity_table.__doc__
 
 
 def plot_ablation_matrix(matrix: AblationMatrix, ax: Any = None, *, value: str = "delta", annotate: bool = True, cmap: str = "RdBu") -> Any:

@@ -137,7 +137,9 @@ class RelevanceScores:
 
     @classmethod
     def empty(cls, n_layers: int, d_mlp: int, **kwargs: Any) -> "RelevanceScores":
-        """Zero scores for a model shape (the start of a stream). Example: ``RelevanceScores.empty(2, 8)``."""
+        """Zero scores for a model shape (the start of a stream). Example: ``RelevanceScores.empty(2, 8)``.
+
+        Subclasses inherit it over their units: ``HeadRelevanceScores.empty(n_layers, n_heads)``."""
         return cls(torch.zeros(n_layers, d_mlp), torch.zeros(n_layers, d_mlp), **kwargs)
 
     @property
@@ -297,6 +299,9 @@ class RelevanceProbe(Probe):
 
     needs_grad = True
     needs_targets = True
+    #: The scores built from each batch; what the NaN error calls them.
+    scores_class: type = RelevanceScores
+    label = "relevance"
 
     def __init__(self, aggregate: Aggregate = "sum_abs", positions: Positions = "answer", loss_fn: Optional[LossFn] = None,
                  model: Optional[str] = None):
@@ -348,6 +353,11 @@ class RelevanceProbe(Probe):
             raise ValueError(f"the loss is NaN or infinite for rows {rows[:5]} of the batch; relevance would be NaN")
         return losses
 
+    def unit_terms(self, model: str, prod: Tensor) -> Tensor:
+        """The per-unit terms of the products ``g·a`` at the counted positions (``[..., n, d] → [..., n, units]``):
+        one per neuron here; subclasses group features into units (heads sum their ``d_head`` features)."""
+        return prod
+
     def update(self, batch: ProbeBatch) -> None:
         for model, acts in batch.acts.items():
             names = list(acts)
@@ -359,21 +369,21 @@ class RelevanceProbe(Probe):
             if len(devices) == 1:
                 dev = next(iter(devices))
                 r, c = rows.to(dev), cols.to(dev)
-                prod = torch.stack([grads[h][r, c].float() * values[h][r, c].float() for h in names])
+                prod = self.unit_terms(model, torch.stack([grads[h][r, c].float() * values[h][r, c].float() for h in names]))
                 sum_abs = prod.abs().sum(1, dtype=torch.float64).cpu()
                 signed = prod.sum(1, dtype=torch.float64).cpu()
             else:  # layers spread over devices (device_map): one layer at a time
-                parts = [(grads[h][rows.to(values[h].device), cols.to(values[h].device)].float()
-                          * values[h][rows.to(values[h].device), cols.to(values[h].device)].float()) for h in names]
+                parts = [self.unit_terms(model, grads[h][rows.to(values[h].device), cols.to(values[h].device)].float()
+                                         * values[h][rows.to(values[h].device), cols.to(values[h].device)].float()) for h in names]
                 sum_abs = torch.stack([p.abs().sum(0, dtype=torch.float64).cpu() for p in parts])
                 signed = torch.stack([p.sum(0, dtype=torch.float64).cpu() for p in parts])
             if not bool(torch.isfinite(sum_abs).all()):
                 layer = int(torch.nonzero(~torch.isfinite(sum_abs).all(1))[0])
-                raise ValueError(f"relevance is NaN or infinite in layer {layer} ({names[layer]}): "
+                raise ValueError(f"{self.label} is NaN or infinite in layer {layer} ({names[layer]}): "
                                  "activations or gradients overflowed (try float32)")
             meta = self.__dict__.get("meta_", {}).get(model, {})
-            part = RelevanceScores(sum_abs, signed, n_examples=len(batch), n_tokens=int(mask.sum()), aggregate=self.aggregate,
-                                   positions=self.positions, name=batch.task, meta=meta)
+            part = self.scores_class(sum_abs, signed, n_examples=len(batch), n_tokens=int(mask.sum()), aggregate=self.aggregate,
+                                     positions=self.positions, name=batch.task, meta=meta)
             key = (batch.task, model)
             self.scores_[key] = self.scores_[key].merge(part) if key in self.scores_ else part
 
@@ -397,7 +407,7 @@ class RelevanceProbe(Probe):
     def load_state_dict(self, state: dict[str, Any]) -> "RelevanceProbe":
         entries = unkeyed_state(state)
         fields = ("n_examples", "n_tokens", "aggregate", "positions", "name", "meta")
-        self.scores_ = {k: RelevanceScores(v["sum_abs"], v["signed_sum"], **{f: h[f] for f in fields})
+        self.scores_ = {k: self.scores_class(v["sum_abs"], v["signed_sum"], **{f: h[f] for f in fields})
                         for (k, v), h in zip(entries.items(), state["headers"])}
         return self
 
@@ -409,7 +419,71 @@ def relevance_meta(adapter: ModelAdapter, loss: str) -> dict[str, Any]:
             "n_layers": a.n_layers, "d_mlp": a.d_mlp, "gated_mlp": a.gated_mlp, "loss": loss}
 
 
-class GradXActRelevance:
+class DriverEstimator:
+    """``add`` / ``fit`` of the relevance estimators: fresh probes fed by one :class:`~tl_taskmap.driver.Driver`.
+
+    Subclasses set ``adapter``, ``name`` and ``result_`` (in ``reset``) and say in :meth:`_probes` which
+    probe feeds which result attribute; probes sharing a loss share the one backward pass per batch.
+    """
+
+    adapter: ModelAdapter
+    name: Optional[str]
+    result_: RelevanceScores
+    _desc = "relevance"
+
+    def reset(self) -> Any:
+        raise NotImplementedError
+
+    def _probes(self) -> dict[str, RelevanceProbe]:
+        """``{result attribute: a fresh probe feeding it}``."""
+        raise NotImplementedError
+
+    def _absorb(self, probes: Mapping[str, RelevanceProbe]) -> None:
+        for attr, probe in probes.items():
+            for part in probe.scores_.values():
+                current = getattr(self, attr)
+                setattr(self, attr, current.merge(type(current)(
+                    part.sum_abs, part.signed_sum, n_examples=part.n_examples, n_tokens=part.n_tokens, aggregate=current.aggregate,
+                    positions=current.positions, name=current.name, meta=current.meta)))
+
+    def add(self, batch: TokenBatch) -> Any:
+        """Add one batch: one forward and one backward for all layers.
+
+        Example:
+            >>> est.add(adapter.tokenize(prompts, answers))   # doctest: +SKIP
+        """
+        probes = self._probes()
+        Driver(self.adapter, list(probes.values())).run_batch(batch, task=self.result_.name or "task")
+        self._absorb(probes)
+        return self
+
+    def fit(self, data: Union[Task, Iterable[TokenBatch]], *, batch_size: int = 8, padding_side: PaddingSide = "left",
+            prepend_bos: Optional[bool] = None, progress: bool = False) -> Any:
+        """Reset, then add every batch of a task (prompt + target) or of an iterable of TokenBatches.
+
+        Example:
+            >>> GradXActRelevance(model).fit(task).result_   # doctest: +SKIP
+        """
+        self.reset()
+        if isinstance(data, Task):
+            if len(data) == 0:
+                raise ValueError(f"task {data.name!r} has no examples: relevance needs at least one")
+            probes = self._probes()
+            if self.name is None:
+                for attr in probes:
+                    getattr(self, attr).name = data.name
+            Driver(self.adapter, list(probes.values()), batch_size=batch_size, padding_side=padding_side, prepend_bos=prepend_bos,
+                   include_targets=True, progress=progress).run(data)
+            self._absorb(probes)
+        else:
+            for batch in tqdm(data, disable=not progress, desc=f"{self._desc} {self.result_.name or ''}".strip()):
+                self.add(batch)
+        if self.result_.n_examples == 0:
+            raise ValueError("no examples were given: relevance needs at least one batch with one example")
+        return self
+
+
+class GradXActRelevance(DriverEstimator):
     """Streaming grad × activation relevance at ``mlp.hook_post`` of every layer.
 
     Configure in ``__init__``, feed with :meth:`add` (one batch) or :meth:`fit` (a whole task); the
@@ -444,53 +518,15 @@ class GradXActRelevance:
     def _probe(self) -> RelevanceProbe:
         return RelevanceProbe(self.aggregate, self.positions, self.loss_fn)
 
+    def _probes(self) -> dict[str, RelevanceProbe]:
+        return {"result_": self._probe()}
+
     def reset(self) -> "GradXActRelevance":
         """Forget everything added so far."""
         a = self.adapter
         meta = relevance_meta(a, self._probe().loss_name)
         self.result_ = RelevanceScores.empty(a.n_layers, int(a.d_mlp), aggregate=self.aggregate, positions=self.positions,
                                              name=self.name, meta=meta)
-        return self
-
-    def _absorb(self, probe: RelevanceProbe) -> None:
-        for part in probe.scores_.values():
-            self.result_ = self.result_.merge(RelevanceScores(
-                part.sum_abs, part.signed_sum, n_examples=part.n_examples, n_tokens=part.n_tokens, aggregate=self.aggregate,
-                positions=self.positions, name=self.result_.name, meta=self.result_.meta))
-
-    def add(self, batch: TokenBatch) -> "GradXActRelevance":
-        """Add one batch: one forward and one backward for all layers.
-
-        Example:
-            >>> est.add(adapter.tokenize(prompts, answers))   # doctest: +SKIP
-        """
-        probe = self._probe()
-        Driver(self.adapter, [probe]).run_batch(batch, task=self.result_.name or "task")
-        self._absorb(probe)
-        return self
-
-    def fit(self, data: Union[Task, Iterable[TokenBatch]], *, batch_size: int = 8, padding_side: PaddingSide = "left",
-            prepend_bos: Optional[bool] = None, progress: bool = False) -> "GradXActRelevance":
-        """Reset, then add every batch of a task (prompt + target) or of an iterable of TokenBatches.
-
-        Example:
-            >>> GradXActRelevance(model).fit(task).result_   # doctest: +SKIP
-        """
-        self.reset()
-        if isinstance(data, Task):
-            if len(data) == 0:
-                raise ValueError(f"task {data.name!r} has no examples: relevance needs at least one")
-            if self.name is None:
-                self.result_.name = data.name
-            probe = self._probe()
-            Driver(self.adapter, [probe], batch_size=batch_size, padding_side=padding_side, prepend_bos=prepend_bos,
-                   include_targets=True, progress=progress).run(data)
-            self._absorb(probe)
-        else:
-            for batch in tqdm(data, disable=not progress, desc=f"relevance {self.result_.name or ''}".strip()):
-                self.add(batch)
-        if self.result_.n_examples == 0:
-            raise ValueError("no examples were given: relevance needs at least one batch with one example")
         return self
 
     @property

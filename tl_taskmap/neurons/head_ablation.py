@@ -23,21 +23,20 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_taskmap.models import ModelAdapter, as_adapter
-from tl_taskmap.neurons.ablation_context import MODES, Ablation, AblationMode, _prompts_of
+from tl_taskmap.neurons.ablation_context import MODES, Ablation, AblationMode, check_mean_tensor, measure_means, zeroed_slices
 from tl_taskmap.neurons.heads import HeadLayout, check_head_set, head_layout, head_output_weight, split_heads
 from tl_taskmap.neurons.sets import HeadSet
+from tl_taskmap.probes import MeanActivationProbe
 from tl_taskmap.tasks import Task, TaskSuite
 
-__all__ = ["ablate_heads", "check_head_means", "head_mean_activations"]
+__all__ = ["HeadMeanActivationProbe", "ablate_heads", "check_head_means", "head_mean_activations"]
 
 
 def check_head_means(model: Any, means: Any) -> Tensor:
@@ -47,17 +46,11 @@ def check_head_means(model: Any, means: Any) -> Tensor:
         >>> check_head_means(model, head_mean_activations(model, prompts)).shape   # doctest: +SKIP
     """
     layout = head_layout(model)
-    if means is None:
-        raise ValueError("mode='mean' needs mean_activations=[n_layers, n_heads, d_head] for a HeadSet; "
-                         "measure them with head_mean_activations(model, reference_prompts)")
-    means = torch.as_tensor(means).detach()
-    expected = (layout.n_layers, layout.n_heads, layout.d_head)
-    if tuple(means.shape) != expected:
-        raise ValueError(f"mean_activations has shape {tuple(means.shape)}, expected (n_layers, n_heads, d_head) = {expected} "
-                         "for a HeadSet (head_mean_activations measures them)")
-    if not means.is_floating_point() or not bool(torch.isfinite(means).all()):
-        raise ValueError("mean_activations must be finite floating-point values")
-    return means
+    return check_mean_tensor(
+        means, (layout.n_layers, layout.n_heads, layout.d_head), "n_layers, n_heads, d_head",
+        missing=("mode='mean' needs mean_activations=[n_layers, n_heads, d_head] for a HeadSet; "
+                 "measure them with head_mean_activations(model, reference_prompts)"),
+        hint=" for a HeadSet (head_mean_activations measures them)")
 
 
 @contextlib.contextmanager
@@ -124,35 +117,44 @@ def _replace_heads_hook(mask: Tensor, fill: Optional[Tensor], layout: HeadLayout
 
 @contextlib.contextmanager
 def _zeroed_output_rows(adapter: ModelAdapter, heads: HeadSet) -> Iterator[None]:
-    # Save every slice before changing anything, so an interruption at any point restores cleanly.
-    saved = []
+    slices = []
     for layer in heads.layers():
         weight = head_output_weight(adapter, layer)
-        rows = weight.rows(heads.indices(layer)).to(weight.param.device)
-        saved.append((weight.param, weight.dim, rows, weight.param.detach().index_select(weight.dim, rows)))
-    try:
-        with torch.no_grad():
-            for param, dim, rows, _ in saved:
-                param.index_fill_(dim, rows, 0)
+        slices.append((weight.param, weight.dim, weight.rows(heads.indices(layer)).to(weight.param.device)))
+    with zeroed_slices(slices):
         yield
-    finally:
-        with torch.no_grad():
-            for param, dim, rows, original in reversed(saved):  # reversed: shared tensors end up original
-                param.index_copy_(dim, rows, original)
 
 
-def head_mean_activations(
-    model: Any,
-    prompts_or_task: Sequence[str] | Task | TaskSuite | Sequence[Task],
-    *,
-    batch_size: int = 8,
-    prepend_bos: Optional[bool] = None,
-    progress: bool = False,
-) -> Float[Tensor, "n_layers n_heads d_head"]:
+class HeadMeanActivationProbe(MeanActivationProbe):
+    """Mean ``hook_z`` output of every head over all real prompt tokens (float64 sums), as a probe.
+
+    ``result(model=None)`` is a float32 ``[n_layers, n_heads, d_head]`` tensor on the CPU, as
+    ``ablate(model, heads, mode="mean", mean_activations=...)`` takes it.
+
+    Example:
+        >>> means = run_probes(model, prompts, [HeadMeanActivationProbe()])[0].result()   # doctest: +SKIP
+    """
+
+    def hook_names(self, model: str, adapter: ModelAdapter) -> list[str]:
+        if self.model is not None and model != self.model:
+            return []
+        layout = head_layout(adapter)
+        self.__dict__.setdefault("layout_", {})[model] = layout
+        return [layout.hook_name(layer) for layer in range(layout.n_layers)]
+
+    def _sum_over_tokens(self, model: str, x: Tensor, weights: Tensor) -> Tensor:
+        layout = self.__dict__["layout_"][model]
+        return super()._sum_over_tokens(model, split_heads(x, layout.n_heads, layout.d_head), weights)
+
+
+def head_mean_activations(model: Any, prompts_or_task: Sequence[str] | Task | TaskSuite | Sequence[Task],
+                          **options: Any) -> Float[Tensor, "n_layers n_heads d_head"]:
     """Mean ``hook_z`` output of every head over all real tokens of a reference set (float64 sums).
 
     Every real (non-padding) token of every prompt counts once, BOS included; for tasks the prompts
-    are used. Hooks already on the model apply; measure outside any ablation.
+    are used. Hooks already on the model apply; measure outside any ablation. Takes the keyword
+    options of :func:`~tl_taskmap.neurons.ablation.mean_activations` (``batch_size=8``,
+    ``prepend_bos=None``, ``progress=False``).
 
     Returns:
         float32 means on the CPU, ready for ``ablate(model, heads, mode="mean", mean_activations=...)``.
@@ -160,27 +162,4 @@ def head_mean_activations(
     Example:
         >>> means = head_mean_activations(model, reference_task)   # doctest: +SKIP
     """
-    prompts = _prompts_of(prompts_or_task)
-    adapter = as_adapter(model)
-    layout = head_layout(adapter)
-    total = torch.zeros(layout.n_layers, layout.n_heads, layout.d_head, dtype=torch.float64)
-    n_tokens = 0
-    weights: dict[str, Tensor] = {}
-
-    def add(layer: int) -> Callable[..., Tensor]:
-        def hook(z: Tensor, hook: Any) -> Tensor:
-            per_head = split_heads(z, layout.n_heads, layout.d_head).double()
-            total[layer] += (per_head * weights["mask"].to(z.device)[..., None, None]).sum((0, 1)).cpu()
-            return z
-
-        return hook
-
-    starts = range(0, len(prompts), batch_size)
-    hooks = [(layout.hook_name(layer), add(layer)) for layer in range(layout.n_layers)]
-    with torch.no_grad(), adapter.hooks(hooks):
-        for start in tqdm(starts, total=math.ceil(len(prompts) / batch_size), disable=not progress, desc="head means", leave=False):
-            batch = adapter.tokenize(prompts[start : start + batch_size], padding_side="left", prepend_bos=prepend_bos)
-            weights["mask"] = batch.attention_mask.to(torch.float64)
-            adapter.forward(batch)
-            n_tokens += int(batch.attention_mask.sum())
-    return (total / n_tokens).float()
+    return measure_means(HeadMeanActivationProbe(), as_adapter(model), prompts_or_task, **options)

@@ -22,25 +22,22 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
-import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from tl_taskmap.evaluate import answer_batches, answer_nll
-from tl_taskmap.models import PaddingSide, TokenBatch, as_adapter
-from tl_taskmap.neurons.heads import head_layout, split_heads
+from tl_taskmap.models import ModelAdapter, PaddingSide, TokenBatch, as_adapter
+from tl_taskmap.neurons.heads import HeadLayout, head_layout, split_heads
 from tl_taskmap.neurons.attribution import (
-    AGGREGATES, POSITIONS, Aggregate, LossFn, Positions, RelevanceScores, _relevance_mode, position_mask,
+    AGGREGATES, POSITIONS, Aggregate, DriverEstimator, LossFn, Positions, RelevanceProbe, RelevanceScores, relevance_meta,
 )
 from tl_taskmap.neurons.sets import HeadSet
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
 
-__all__ = ["GradXActHeadRelevance", "HeadRelevanceScores", "head_relevance", "head_relevance_by_task", "relevance_with_heads"]
+__all__ = ["GradXActHeadRelevance", "HeadRelevanceProbe", "HeadRelevanceScores", "head_relevance", "head_relevance_by_task", "relevance_with_heads"]
 
 
 class HeadRelevanceScores(RelevanceScores):
@@ -60,11 +57,6 @@ class HeadRelevanceScores(RelevanceScores):
         if meta.get("unit", "head") != "head":
             raise ValueError(f"these scores are over {meta['unit']}s, not heads: load them with RelevanceScores.load")
         super().__init__(sum_abs, signed_sum, meta={**meta, "unit": "head"}, **kwargs)
-
-    @classmethod
-    def empty(cls, n_layers: int, n_heads: int, **kwargs: Any) -> "HeadRelevanceScores":
-        """Zero scores for a model shape. Example: ``HeadRelevanceScores.empty(2, 4)``."""
-        return cls(torch.zeros(n_layers, n_heads), torch.zeros(n_layers, n_heads), **kwargs)
 
     @property
     def n_heads(self) -> int:
@@ -122,12 +114,51 @@ class HeadRelevanceScores(RelevanceScores):
                    aggregate=loaded.aggregate, positions=loaded.positions, name=loaded.name, meta=loaded.meta)
 
 
-class GradXActHeadRelevance:
+def head_relevance_meta(adapter: ModelAdapter, layout: HeadLayout, loss: str) -> dict[str, Any]:
+    """The provenance recorded with head relevance scores (site, backend, model class, sizes, loss)."""
+    a = adapter
+    return {"backend": a.backend, "model": type(getattr(a.model, "original_model", a.model)).__name__, "n_layers": a.n_layers,
+            "loss": loss, "site": "attn_z", "n_heads": layout.n_heads, "d_head": layout.d_head,
+            "n_key_value_heads": layout.n_key_value_heads}
+
+
+class HeadRelevanceProbe(RelevanceProbe):
+    """Grad × activation relevance of every attention head (at ``attn.hook_z``), as a probe.
+
+    The parameters, loss and protocol of :class:`~tl_taskmap.neurons.attribution.RelevanceProbe`; the
+    per-(example, position) term of a head is the sum over its ``d_head`` features of ``g·z``, and
+    ``result(task=None, model=None)`` is a :class:`HeadRelevanceScores`. Fed to the driver together
+    with a ``RelevanceProbe`` of the same loss, heads and neurons share one forward and one backward.
+
+    Example:
+        >>> heads, neurons = run_probes(model, task, [HeadRelevanceProbe(), RelevanceProbe()])   # doctest: +SKIP
+        >>> heads.result().top(0.1)                                                               # doctest: +SKIP
+    """
+
+    scores_class = HeadRelevanceScores
+    label = "head relevance"
+
+    def hook_names(self, model: str, adapter: ModelAdapter) -> list[str]:
+        if not self.uses(model):
+            return []
+        layout = head_layout(adapter)  # validates hook_z in every layer
+        self.__dict__.setdefault("layout_", {})[model] = layout
+        self.__dict__.setdefault("meta_", {})[model] = head_relevance_meta(adapter, layout, self.loss_name)
+        return [layout.hook_name(layer) for layer in range(layout.n_layers)]
+
+    def unit_terms(self, model: str, prod: Tensor) -> Tensor:
+        """One term per head: the sum of ``g·z`` over the head's ``d_head`` features."""
+        layout = self.__dict__["layout_"][model]
+        return split_heads(prod, layout.n_heads, layout.d_head).sum(-1)
+
+
+class GradXActHeadRelevance(DriverEstimator):
     """Streaming grad × activation relevance at ``attn.hook_z`` of every layer (and, optionally, ``mlp.hook_post``).
 
     Configure in ``__init__``, feed with :meth:`add` (one batch) or :meth:`fit` (a whole task); the
     head scores are ``result_`` (:class:`HeadRelevanceScores`) and, with ``neurons=True``, the neuron
     scores of the same pass are ``neuron_result_`` (:class:`~tl_taskmap.neurons.attribution.RelevanceScores`).
+    A thin face over :class:`HeadRelevanceProbe` (and a ``RelevanceProbe``) fed by the driver.
 
     Args:
         model: HookedTransformer, TransformerBridge or ModelAdapter.
@@ -138,6 +169,8 @@ class GradXActHeadRelevance:
         >>> est = GradXActHeadRelevance(model, neurons=True).fit(task)   # doctest: +SKIP
         >>> est.result_.top(0.1), est.neuron_result_.top(0.1)            # doctest: +SKIP
     """
+
+    _desc = "head relevance"
 
     def __init__(self, model: Any, *, aggregate: Aggregate = "sum_abs", positions: Positions = "answer",
                  loss_fn: Optional[LossFn] = None, name: Optional[str] = None, neurons: bool = False):
@@ -155,123 +188,23 @@ class GradXActHeadRelevance:
         self.aggregate, self.positions, self.loss_fn, self.name = aggregate, positions, loss_fn, name
         self.reset()
 
+    def _probes(self) -> dict[str, RelevanceProbe]:
+        options = (self.aggregate, self.positions, self.loss_fn)
+        probes: dict[str, RelevanceProbe] = {"result_": HeadRelevanceProbe(*options)}
+        if self.neurons:  # same loss, so the driver serves both from one backward
+            probes["neuron_result_"] = RelevanceProbe(*options)
+        return probes
+
     def reset(self) -> "GradXActHeadRelevance":
         """Forget everything added so far."""
         a, lay = self.adapter, self.layout
-        loss = "answer_nll(mean)" if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))
-        common = {"backend": a.backend, "model": type(getattr(a.model, "original_model", a.model)).__name__, "n_layers": a.n_layers,
-                  "loss": loss}
+        probes = self._probes()
+        loss = probes["result_"].loss_name
         options = dict(aggregate=self.aggregate, positions=self.positions, name=self.name)
-        self.result_ = HeadRelevanceScores.empty(lay.n_layers, lay.n_heads, meta={
-            **common, "site": "attn_z", "n_heads": lay.n_heads, "d_head": lay.d_head, "n_key_value_heads": lay.n_key_value_heads},
-            **options)
+        self.result_ = HeadRelevanceScores.empty(lay.n_layers, lay.n_heads, meta=head_relevance_meta(a, lay, loss), **options)
         self.neuron_result_: Optional[RelevanceScores] = None
         if self.neurons:
-            self.neuron_result_ = RelevanceScores.empty(a.n_layers, int(a.d_mlp), meta={
-                **common, "site": "mlp_post", "d_mlp": a.d_mlp, "gated_mlp": a.gated_mlp}, **options)
-        return self
-
-    def _losses(self, logits: Tensor, batch: TokenBatch) -> Tensor:
-        if self.loss_fn is None:
-            n_answer = batch.target_mask.sum(1)
-            if bool((n_answer == 0).any()):
-                rows = torch.nonzero(n_answer == 0).flatten().tolist()
-                raise ValueError(f"rows {rows[:5]} of the batch have no answer tokens, so the answer-token loss is undefined; "
-                                 "give every prompt a target completion or pass loss_fn=")
-            return answer_nll(logits, batch)
-        losses = self.loss_fn(logits, batch)
-        if not isinstance(losses, Tensor) or losses.shape != (len(batch),):
-            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise ValueError(f"loss_fn must return one loss per example, shape ({len(batch)},), got {shape}")
-        return losses
-
-    def add(self, batch: TokenBatch) -> "GradXActHeadRelevance":
-        """Add one batch: one forward and one backward for every layer's heads (and neurons).
-
-        Example:
-            >>> est.add(adapter.tokenize(prompts, answers))   # doctest: +SKIP
-        """
-        a, lay = self.adapter, self.layout
-        batch = batch.to(a.device)
-        mask = position_mask(batch, self.positions)
-        acts: dict[tuple[str, int], Tensor] = {}
-
-        def keep(kind: str, layer: int) -> Callable[..., Tensor]:
-            def hook(act: Tensor, hook: Any) -> Tensor:
-                if (kind, layer) in acts:
-                    raise RuntimeError(f"{hook.name} fired twice in one forward pass; relevance needs it once per layer")
-                if not act.requires_grad:  # parameters are frozen, so the first layer starts the graph here
-                    act = act.detach().requires_grad_(True)
-                acts[(kind, layer)] = act
-                return act
-
-            return hook
-
-        hooks = [(name, keep("head", layer)) for layer, name in enumerate(self.hook_names)]
-        if self.neurons:
-            hooks += [(name, keep("neuron", layer)) for layer, name in enumerate(self.neuron_hook_names)]
-        with _relevance_mode(a.model), a.hooks(hooks):
-            logits = a.forward(batch)
-            losses = self._losses(logits, batch)
-            if not bool(torch.isfinite(losses).all()):
-                rows = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
-                raise ValueError(f"the loss is NaN or infinite for rows {rows[:5]} of the batch; relevance would be NaN")
-            keys = [("head", layer) for layer in range(lay.n_layers)]
-            keys += [("neuron", layer) for layer in range(a.n_layers)] if self.neurons else []
-            missing = [f"{kind} hook of layer {layer}" for kind, layer in keys if (kind, layer) not in acts]
-            if missing:
-                raise RuntimeError(f"{missing[:3]} did not fire during the forward pass")
-            grads = dict(zip(keys, torch.autograd.grad(losses.sum(), [acts[k] for k in keys], allow_unused=True)))
-        weight = mask.to(torch.float32)
-        head_abs, head_signed = torch.zeros_like(self.result_.sum_abs), torch.zeros_like(self.result_.signed_sum)
-        neuron_sums = (torch.zeros_like(self.neuron_result_.sum_abs), torch.zeros_like(self.neuron_result_.signed_sum)) if self.neurons else None
-        for (kind, layer), grad in grads.items():
-            if grad is None:  # the layer does not reach the loss: zero relevance
-                continue
-            prod = grad.float() * acts[(kind, layer)].detach().float()  # layers may sit on other devices
-            if kind == "head":  # one term per (example, position, head): the sum over the head's d_head features
-                prod = split_heads(prod, lay.n_heads, lay.d_head).sum(-1)
-                target = (head_abs, head_signed)
-            else:
-                target = neuron_sums
-            prod = prod * weight.to(prod.device)[..., None]
-            target[0][layer] = prod.abs().sum((0, 1), dtype=torch.float64).cpu()
-            target[1][layer] = prod.sum((0, 1), dtype=torch.float64).cpu()
-            if not bool(torch.isfinite(target[0][layer]).all()):
-                raise ValueError(f"{kind} relevance is NaN or infinite in layer {layer}: activations or gradients overflowed (try float32)")
-        counts = dict(n_examples=len(batch), n_tokens=int(mask.sum()), aggregate=self.aggregate, positions=self.positions)
-        self.result_ = self.result_.merge(HeadRelevanceScores(head_abs, head_signed, name=self.result_.name, meta=self.result_.meta, **counts))
-        if self.neurons:
-            self.neuron_result_ = self.neuron_result_.merge(RelevanceScores(
-                *neuron_sums, name=self.neuron_result_.name, meta=self.neuron_result_.meta, **counts))
-        return self
-
-    def fit(self, data: Union[Task, Iterable[TokenBatch]], *, batch_size: int = 8, padding_side: PaddingSide = "left",
-            prepend_bos: Optional[bool] = None, progress: bool = False) -> "GradXActHeadRelevance":
-        """Reset, then add every batch of a task (prompt + target) or of an iterable of TokenBatches.
-
-        Example:
-            >>> GradXActHeadRelevance(model).fit(task).result_   # doctest: +SKIP
-        """
-        self.reset()
-        if isinstance(data, Task):
-            if len(data) == 0:
-                raise ValueError(f"task {data.name!r} has no examples: relevance needs at least one")
-            if self.name is None:
-                self.result_.name = data.name
-                if self.neuron_result_ is not None:
-                    self.neuron_result_.name = data.name
-            batches: Iterable[TokenBatch] = answer_batches(self.adapter, data, batch_size, padding_side=padding_side, prepend_bos=prepend_bos)
-            total = -(-len(data) // batch_size)
-        else:
-            batches, total = data, None
-        for batch in tqdm(batches, total=total, disable=not progress, desc=f"head relevance {self.result_.name or ''}".strip()):
-            try:
-                self.add(batch)
-            except ValueError as err:  # say which task the batch came from
-                raise ValueError(f"task {data.name!r}: {err}" if isinstance(data, Task) else str(err)) from None
-        if self.result_.n_examples == 0:
-            raise ValueError("no examples were given: relevance needs at least one batch with one example")
+            self.neuron_result_ = RelevanceScores.empty(a.n_layers, int(a.d_mlp), meta=relevance_meta(a, loss), **options)
         return self
 
 

@@ -115,11 +115,7 @@ def check_head_set(model: Any, heads: HeadSet) -> ModelAdapter:
     if not isinstance(heads, HeadSet):
         raise TypeError(f"expected a HeadSet, got {type(heads).__name__}")
     layout = head_layout(adapter)
-    try:
-        heads.check_compatible(layout.n_layers, layout.n_heads)
-    except ValueError as err:
-        label = f" {heads.name!r}" if heads.name else ""
-        raise ValueError(f"cannot use HeadSet{label} on this model: {err}. Build the set for this model.") from None
+    heads.check_fits_model(layout.n_layers, layout.n_heads, "use")
     return adapter
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch  # noqa: F401 - the doctests use it
-from jaxtyping import Bool, Float
+from jaxtyping import Bool
 from torch import Tensor
 
 from tl_taskmap.neurons.units import FORMAT_VERSION, UnitSet
@@ -38,8 +38,13 @@ class NeuronSet(UnitSet):
         (4, 1, True, [2, 1])
         >>> round(a.jaccard(b), 3)
         0.25
-        >>> NeuronSet.top_k(torch.tensor([[0.1, 0.9, 0.5, 0.0], [3.0, 2.0, 1.0, 0.0]]), 0.5).to_dataframe().values.tolist()
+        >>> scores = torch.tensor([[0.1, 0.9, 0.5, 0.0], [3.0, 2.0, 1.0, 0.0]])
+        >>> NeuronSet.top_k(scores, 0.5).to_dataframe().values.tolist()   # the paper's top-k% relevance: k=10 -> 0.1
         [[0, 1], [0, 2], [1, 0], [1, 1]]
+        >>> NeuronSet.top_k(scores, 0.25, per_layer=False).to_dataframe().values.tolist()
+        [[1, 0], [1, 1]]
+        >>> NeuronSet(n_layers=2, d_mlp=8).d_mlp   # the size under its own name
+        8
         >>> NeuronSet.empty(2, 8).check_compatible(2, 4)
         Traceback (most recent call last):
         ValueError: NeuronSet was built for d_mlp=8 but the model has d_mlp=4 (layer 0)
@@ -49,16 +54,6 @@ class NeuronSet(UnitSet):
     SIZE = "d_mlp"
     COLUMN = "neuron"
     __slots__ = ()
-
-    def __init__(
-        self,
-        n_layers: int,
-        d_mlp: int,
-        indices_by_layer: Mapping[int, Any] | None = None,
-        name: str | None = None,
-        meta: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(n_layers, d_mlp, indices_by_layer, name=name, meta=meta)
 
     @classmethod
     def from_mask(
@@ -81,29 +76,6 @@ class NeuronSet(UnitSet):
     def full(cls, n_layers: int, d_mlp: int) -> NeuronSet:
         """Every neuron of the model. Example: ``len(NeuronSet.full(2, 8)) == 16``."""
         return super().full(n_layers, d_mlp)
-
-    @classmethod
-    def top_k(
-        cls,
-        scores: Float[Tensor, "n_layers d_mlp"],
-        fraction: float,
-        per_layer: bool = True,
-        name: str | None = None,
-        meta: Mapping[str, Any] | None = None,
-    ) -> NeuronSet:
-        """The top ``fraction`` of neurons by score (the paper's top-k% relevance, k=10 -> 0.1).
-
-        ``per_layer=True`` keeps ``round(fraction * d_mlp)`` neurons in every layer;
-        ``per_layer=False`` keeps ``round(fraction * n_layers * d_mlp)`` over the whole model.
-        Rounding is half-up and at least one neuron is kept. Ties go to the lower
-        ``(layer, index)``, so the result is deterministic. ``meta`` records the selection.
-
-        Example:
-            >>> scores = torch.tensor([[0.1, 0.9, 0.5, 0.0], [3.0, 2.0, 1.0, 0.0]])
-            >>> NeuronSet.top_k(scores, 0.25, per_layer=False).to_dataframe().values.tolist()
-            [[1, 0], [1, 1]]
-        """
-        return super().top_k(scores, fraction, per_layer=per_layer, name=name, meta=meta)
 
     @property
     def d_mlp(self) -> int:
@@ -138,16 +110,6 @@ class HeadSet(UnitSet):
     SIZE = "n_heads"
     COLUMN = "head"
     __slots__ = ()
-
-    def __init__(
-        self,
-        n_layers: int,
-        n_heads: int,
-        indices_by_layer: Mapping[int, Any] | None = None,
-        name: str | None = None,
-        meta: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(n_layers, n_heads, indices_by_layer, name=name, meta=meta)
 
     @property
     def n_heads(self) -> int:

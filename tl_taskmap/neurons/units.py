@@ -94,11 +94,22 @@ class UnitSet:
     def __init__(
         self,
         n_layers: int,
-        size: int,
+        size: int | None = None,
         indices_by_layer: Mapping[int, Any] | None = None,
         name: str | None = None,
         meta: Mapping[str, Any] | None = None,
+        **size_by_name: int,
     ) -> None:
+        # The size may also be passed under the kind's own name: NeuronSet(n_layers=2, d_mlp=8), HeadSet(..., n_heads=9).
+        unknown = set(size_by_name) - {self.SIZE}
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) {sorted(unknown)}")
+        if self.SIZE in size_by_name:
+            if size is not None:
+                raise TypeError(f"{type(self).__name__}() got {self.SIZE} twice (positionally and by name)")
+            size = size_by_name[self.SIZE]
+        if size is None:
+            raise TypeError(f"{type(self).__name__}() missing the per-layer size {self.SIZE}")
         n_layers = _positive_int(n_layers, "n_layers")
         size = _positive_int(size, self.SIZE)
         if name is not None and not isinstance(name, str):
@@ -331,6 +342,21 @@ class UnitSet:
                 raise ValueError(
                     f"{kind} was built for {self.SIZE}={self._size} but the model has {self.SIZE}={value} (layer {layer})"
                 )
+
+    def check_fits_model(self, n_layers: int, size: int | Sequence[int], action: str = "use") -> None:
+        """:meth:`check_compatible`, with the error naming the set and what could not be done with it.
+
+        Example:
+            >>> from tl_taskmap.neurons.sets import HeadSet
+            >>> HeadSet.empty(2, 9).check_fits_model(2, 4, "ablate")
+            Traceback (most recent call last):
+            ValueError: cannot ablate HeadSet on this model: HeadSet was built for n_heads=9 but the model has n_heads=4 (layer 0). Build the set for this model.
+        """
+        try:
+            self.check_compatible(n_layers, size)
+        except ValueError as err:
+            label = f" {self._name!r}" if self._name else ""
+            raise ValueError(f"cannot {action} {type(self).__name__}{label} on this model: {err}. Build the set for this model.") from None
 
     def _check_same_shape(self: S, other: object) -> S:
         kind = type(self).__name__

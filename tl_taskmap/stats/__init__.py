@@ -1,14 +1,7 @@
 """Statistics over captured activations: CKA, covariance spectra, layer sections."""
 
-from .cka import (
-    StreamingLinearCKA,
-    center_gram,
-    cka_from_grams,
-    feature_space_linear_cka,
-    gram_linear,
-    gram_rbf,
-    linear_cka,
-)
+from .cka import *  # noqa: F403 - the CKA estimators, as listed once in cka.__all__
+from .cka import __all__ as _cka_names
 from .results import LayerStats
 from .runner import compare_activations, compare_models
 from .sections import LayerSections, detect_sections
@@ -24,13 +17,7 @@ __all__ = [
     "embed_2d",
     "pca_2d",
     "tsne_2d",
-    "StreamingLinearCKA",
-    "center_gram",
-    "cka_from_grams",
-    "feature_space_linear_cka",
-    "gram_linear",
-    "gram_rbf",
-    "linear_cka",
+    *_cka_names,
     "LayerSections",
     "detect_sections",
     "StreamingCovariance",

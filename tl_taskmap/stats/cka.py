@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -194,7 +194,58 @@ def load_state(path: str | os.PathLike, kind: str) -> dict[str, Tensor]:
 
 
 class SafetensorsState:
-    """``save`` / ``load`` for an accumulator with ``state_dict()`` and ``from_state_dict(state, device)``."""
+    """What the streaming accumulators share: device following, ``state_dict`` / ``from_state_dict``, ``save`` / ``load``.
+
+    A subclass keeps its float64 statistics in ``_stats``, its example count in ``_n``, names further
+    int counters to save in ``_counters`` and builds an empty accumulator of a state's shape in
+    :meth:`_empty_like_state`.
+    """
+
+    _stats: dict[str, Tensor]
+    _n: int
+    _follow_input_device: bool
+    device: torch.device
+    #: Int attributes saved with the statistics besides ``n``.
+    _counters: tuple[str, ...] = ()
+
+    def _follow_device(self, x: Any) -> None:
+        """Before the first example: move the statistics to the device of ``x`` (when built with ``device=None``)."""
+        if self._follow_input_device and self._n == 0 and isinstance(x, Tensor) and x.device != self.device:
+            self.device = x.device
+            self._stats = {k: v.to(self.device) for k, v in self._stats.items()}
+
+    def _take_if_empty(self, other: Any) -> Optional[dict[str, Tensor]]:
+        """``other``'s statistics on this device, or None once taken over whole because this one is empty."""
+        theirs = {k: v.to(self.device, copy=True) for k, v in other._stats.items()}
+        if self._n == 0:
+            self._stats, self._n = theirs, other._n
+            return None
+        return theirs
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """All statistics as tensors, plus ``n``, the counters (``n_dropped``) and ``format_version``."""
+        state = {k: v.clone() for k, v in self._stats.items()}
+        state.update(n=torch.tensor(self._n), **{c: torch.tensor(getattr(self, c)) for c in self._counters},
+                     format_version=torch.tensor(FORMAT_VERSION))
+        return state
+
+    @classmethod
+    def _empty_like_state(cls, state: dict[str, Tensor], device: str | torch.device | None) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], device: str | torch.device | None = None) -> Any:
+        """Rebuild an accumulator from :meth:`state_dict` output."""
+        check_format_version(state, cls.__name__)
+        acc = cls._empty_like_state(state, device)
+        missing = set(acc._stats) - set(state)
+        if missing:
+            raise ValueError(f"{cls.__name__} state is missing {sorted(missing)}.")
+        acc._stats = {k: state[k].to(device=acc.device, dtype=torch.float64).clone() for k in acc._stats}
+        acc._n = int(state["n"])
+        for counter in cls._counters:
+            setattr(acc, counter, int(state[counter]))
+        return acc
 
     def save(self, path: str | os.PathLike) -> None:
         """Save to a ``.safetensors`` file (no pickle)."""
@@ -280,6 +331,8 @@ class StreamingLinearCKA(SafetensorsState):
         (1.0, 1.0)
     """
 
+    _counters = ("n_dropped",)
+
     def __init__(self, d_x: int, d_y: int, device: str | torch.device | None = None):
         if int(d_x) < 1 or int(d_y) < 1:
             raise ValueError(f"d_x and d_y must be positive feature widths, got d_x={d_x}, d_y={d_y}.")
@@ -313,9 +366,7 @@ class StreamingLinearCKA(SafetensorsState):
 
     def add(self, x: Float[Tensor, "n d_x"], y: Float[Tensor, "n d_y"]) -> "StreamingLinearCKA":
         """Accumulate one batch of matched examples (row i of ``x`` and ``y`` is one example)."""
-        if self._follow_input_device and self._n == 0 and isinstance(x, Tensor) and x.device != self.device:
-            self.device = x.device
-            self._stats = {k: v.to(self.device) for k, v in self._stats.items()}
+        self._follow_device(x)
         x = _as_float64_rows(x, "x", self.d_x, self.device)
         y = _as_float64_rows(y, "y", self.d_y, self.device)
         if x.shape[0] != y.shape[0]:
@@ -363,9 +414,8 @@ class StreamingLinearCKA(SafetensorsState):
         self.n_dropped += other.n_dropped
         if other._n == 0:
             return self
-        theirs = {k: v.to(self.device, copy=True) for k, v in other._stats.items()}
-        if self._n == 0:
-            self._stats, self._n = theirs, other._n
+        theirs = self._take_if_empty(other)
+        if theirs is None:
             return self
         # Re-express the other statistics about this accumulator's shift, then add.
         theirs = _shift_stats(theirs, other._n, theirs["shift_x"] - self._stats["shift_x"],
@@ -428,26 +478,9 @@ class StreamingLinearCKA(SafetensorsState):
             )
         return float(hsic_xy / torch.sqrt(hsic_xx * hsic_yy))
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """All statistics as tensors, plus ``n``, ``n_dropped`` and ``format_version``."""
-        state = {k: v.clone() for k, v in self._stats.items()}
-        state.update(n=torch.tensor(self._n), n_dropped=torch.tensor(self.n_dropped),
-                     format_version=torch.tensor(FORMAT_VERSION))
-        return state
-
     @classmethod
-    def from_state_dict(
-        cls, state: dict[str, Tensor], device: str | torch.device | None = None
-    ) -> "StreamingLinearCKA":
-        """Rebuild an accumulator from :meth:`state_dict` output."""
-        check_format_version(state, cls.__name__)
-        acc = cls(state["utv"].shape[0], state["utv"].shape[1], device=device)
-        missing = set(acc._stats) - set(state)
-        if missing:
-            raise ValueError(f"{cls.__name__} state is missing {sorted(missing)}.")
-        acc._stats = {k: state[k].to(device=acc.device, dtype=torch.float64).clone() for k in acc._stats}
-        acc._n, acc.n_dropped = int(state["n"]), int(state["n_dropped"])
-        return acc
+    def _empty_like_state(cls, state: dict[str, Tensor], device: str | torch.device | None) -> "StreamingLinearCKA":
+        return cls(state["utv"].shape[0], state["utv"].shape[1], device=device)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(d_x={self.d_x}, d_y={self.d_y}, n={self._n}, "

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from tl_taskmap.models import ModelAdapter
-from tl_taskmap.probes import ProbeBatch, Reduction, SiteProbe, check_reduce, keyed_state, unkeyed_state
+from tl_taskmap.probes import ProbeBatch, Reduction, SiteProbe, add_sum, check_reduce, keyed_state, merge_sums, unkeyed_state
 from tl_taskmap.sites import SiteSpec, resolve_sites
 
 from .cka import StreamingLinearCKA
@@ -28,6 +28,15 @@ from .results import ESTIMATORS, summarise_cka, summarise_spectrum
 from .spectral import StreamingCovariance
 
 __all__ = ["CKAProbe", "CovarianceProbe", "TaskMeanProbe"]
+
+
+def merge_accumulators(mine: dict[Any, Any], theirs: dict[Any, Any]) -> None:
+    """Merge streaming accumulators key by key (in place; a key only ``theirs`` has gets a copy)."""
+    for key, acc in theirs.items():
+        if key in mine:
+            mine[key].merge(acc)
+        else:
+            mine[key] = type(acc).from_state_dict(acc.state_dict())
 
 
 class CKAProbe(SiteProbe):
@@ -86,11 +95,7 @@ class CKAProbe(SiteProbe):
 
     def merge(self, other: "CKAProbe") -> "CKAProbe":
         self._check_same_kind(other)
-        for key, acc in other.acc_.items():
-            if key in self.acc_:
-                self.acc_[key].merge(acc)
-            else:
-                self.acc_[key] = StreamingLinearCKA.from_state_dict(acc.state_dict())
+        merge_accumulators(self.acc_, other.acc_)
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -136,11 +141,7 @@ class CovarianceProbe(SiteProbe):
 
     def merge(self, other: "CovarianceProbe") -> "CovarianceProbe":
         self._check_same_kind(other)
-        for key, acc in other.acc_.items():
-            if key in self.acc_:
-                self.acc_[key].merge(acc)
-            else:
-                self.acc_[key] = StreamingCovariance.from_state_dict(acc.state_dict())
+        merge_accumulators(self.acc_, other.acc_)
         self.__dict__.setdefault("site_of_", {}).update(other.__dict__.get("site_of_", {}))
         return self
 
@@ -176,17 +177,14 @@ class TaskMeanProbe(SiteProbe):
             for h, x in acts.items():
                 key = (batch.task, model, h)
                 total = batch.reduce(x, self.reduce).detach().to("cpu", torch.float64).sum(0)
-                self.sums_[key] = self.sums_[key] + total if key in self.sums_ else total
-                self.n_[key] = self.n_.get(key, 0) + x.shape[0]
+                add_sum(self.sums_, self.n_, key, total, x.shape[0])
 
     def result(self) -> dict[tuple[str, str, str], Tensor]:
         return {k: s / self.n_[k] for k, s in self.sums_.items()}
 
     def merge(self, other: "TaskMeanProbe") -> "TaskMeanProbe":
         self._check_same_kind(other)
-        for k, s in other.sums_.items():
-            self.sums_[k] = self.sums_[k] + s if k in self.sums_ else s.clone()
-            self.n_[k] = self.n_.get(k, 0) + other.n_[k]
+        merge_sums(self.sums_, self.n_, other.sums_, other.n_)
         return self
 
     def state_dict(self) -> dict[str, Any]:

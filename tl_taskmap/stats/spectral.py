@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .cka import FORMAT_VERSION, SafetensorsState, _as_float64_rows, check_format_version
+from .cka import FORMAT_VERSION, SafetensorsState, _as_float64_rows, check_format_version  # noqa: F401 - FORMAT_VERSION, check_format_version re-exported
 
 __all__ = ["StreamingCovariance", "dims_for_variance_from_eigenvalues", "dims_cap", "capped_dims"]
 
@@ -112,9 +112,7 @@ class StreamingCovariance(SafetensorsState):
 
     def add(self, x: Float[Tensor, "n d"]) -> "StreamingCovariance":
         """Accumulate one batch of examples. Rows with NaN/inf raise ``ValueError``."""
-        if self._follow_input_device and self._n == 0 and isinstance(x, Tensor) and x.device != self.device:
-            self.device = x.device
-            self._stats = {k: v.to(self.device) for k, v in self._stats.items()}
+        self._follow_device(x)
         x = _as_float64_rows(x, "x", self.d, self.device)
         bad = ~torch.isfinite(x).all(1)
         if bool(bad.any()):
@@ -140,9 +138,8 @@ class StreamingCovariance(SafetensorsState):
             raise ValueError(f"can only merge a StreamingCovariance with d={self.d}; got {other!r}.")
         if other._n == 0:
             return self
-        theirs = {k: v.to(self.device, copy=True) for k, v in other._stats.items()}
-        if self._n == 0:
-            self._stats, self._n = theirs, other._n
+        theirs = self._take_if_empty(other)
+        if theirs is None:
             return self
         # Their rows about our shift: u = u_other + delta.
         delta, n_o, su = theirs["shift"] - self._stats["shift"], other._n, theirs["sum_u"]
@@ -189,22 +186,9 @@ class StreamingCovariance(SafetensorsState):
             raise ValueError("the covariance is zero (constant data); the participation ratio is undefined.")
         return float(torch.trace(cov)) ** 2 / frob2
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Statistics as tensors, plus ``n`` and ``format_version``."""
-        state = {k: v.clone() for k, v in self._stats.items()}
-        state.update(n=torch.tensor(self._n), format_version=torch.tensor(FORMAT_VERSION))
-        return state
-
     @classmethod
-    def from_state_dict(
-        cls, state: dict[str, Tensor], device: str | torch.device | None = None
-    ) -> "StreamingCovariance":
-        """Rebuild an accumulator from :meth:`state_dict` output."""
-        check_format_version(state, cls.__name__)
-        acc = cls(state["utu"].shape[0], device=device)
-        acc._stats = {k: state[k].to(device=acc.device, dtype=torch.float64).clone() for k in acc._stats}
-        acc._n = int(state["n"])
-        return acc
+    def _empty_like_state(cls, state: dict[str, Tensor], device: str | torch.device | None) -> "StreamingCovariance":
+        return cls(state["utu"].shape[0], device=device)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(d={self.d}, n={self._n}, device={self.device})"
