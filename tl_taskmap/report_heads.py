@@ -26,29 +26,24 @@ from typing import Any
 __all__ = ["heads_stage"]
 
 
-def _safe(name: str) -> str:  # the report's injective, bounded file names (tl_taskmap.file_names)
-    from tl_taskmap.file_names import safe_name
-
-    return safe_name(name)
-
-
 def heads_stage(run: Any) -> tuple[list[str], dict[str, Any]]:
     """Compute and write the heads stage for a report run; returns ``(files relative to out, record extras)``.
 
-    ``run`` is the report's run object (``model``, ``selection``, ``evaluation``, ``config``, ``path``,
-    ``rel``, ``bar``, ``progress``).
+    ``run`` is the report's run object (``model``, ``selection``, ``evaluation``, ``config``, ``layout``, ``path``,
+    ``rel``, ``bar``, ``progress``); files go where ``run.layout.heads`` says.
     """
     import pandas as pd
 
     from tl_taskmap.models import UnsupportedModelError
-    from tl_taskmap.neurons.ablation_effects import ablation_matrix, specificity
+    from tl_taskmap.neurons.ablation_effects import ablation_matrix
     from tl_taskmap.neurons.head_ablation import head_mean_activations
     from tl_taskmap.neurons.head_attribution import head_relevance
     from tl_taskmap.neurons.heads import head_layout
     from tl_taskmap.neurons.overlap import jaccard_matrix
     from tl_taskmap.neurons.random_overlap import overlap_vs_random
+    from tl_taskmap.report_stages import write_ablation
 
-    cfg = run.config
+    cfg, heads = run.config, run.layout.heads
     try:
         layout = head_layout(run.model)
     except UnsupportedModelError as err:
@@ -57,7 +52,7 @@ def heads_stage(run: Any) -> tuple[list[str], dict[str, Any]]:
     layer_rows, head_rows, sets = [], [], {}
     for task in run.bar(list(run.selection), "head relevance"):
         rel = head_relevance(run.model, task, batch_size=cfg.batch_size)
-        path = run.path("heads", "relevance", f"{_safe(task.name)}.safetensors")
+        path = run.path(heads.relevance(task.name))
         rel.save(path)
         files.append(run.rel(path))
         scores = rel.scores
@@ -67,7 +62,7 @@ def heads_stage(run: Any) -> tuple[list[str], dict[str, Any]]:
         for row in rel.to_dataframe().itertuples():
             head_rows.append({"task": task.name, "layer": row.layer, "head": row.head, "share": row.score / total})
         sets[task.name] = rel.top(cfg.k, per_layer=cfg.per_layer).with_name(task.name)
-        path = run.path("heads", "sets", f"{_safe(task.name)}.json")
+        path = run.path(heads.head_set(task.name))
         sets[task.name].save(path)
         files.append(run.rel(path))
     tables = {
@@ -78,17 +73,13 @@ def heads_stage(run: Any) -> tuple[list[str], dict[str, Any]]:
     if len(sets) >= 2:  # overlap compares tasks: a one-task map has none (the page says why)
         tables["overlap_vs_random.csv"] = overlap_vs_random(sets, seed=cfg.seed)
     for name, table in tables.items():
-        path = run.path("heads", name)
+        path = run.path(heads.table(name))
         table.to_csv(path, index=name == "jaccard.csv")
         files.append(run.rel(path))
     means = head_mean_activations(run.model, run.selection) if cfg.ablation_mode == "mean" else None
     matrix = ablation_matrix(run.model, run.evaluation, sets, seeds=[cfg.seed + i for i in range(cfg.seeds)], mode=cfg.ablation_mode,
                              mean_activations=means, batch_size=cfg.batch_size, progress=run.progress)
-    matrix.save(run.path("heads", "ablation", "matrix.json"))
-    matrix.to_dataframe(per_seed=False).to_csv(run.path("heads", "ablation", "cells.csv"), index=False)
-    matrix.delta_table().to_csv(run.path("heads", "ablation", "delta_table.csv"))
-    specificity(matrix).to_csv(run.path("heads", "ablation", "specificity.csv"), index=False)
-    files += [f"heads/ablation/{f}" for f in ("matrix.json", "cells.csv", "delta_table.csv", "specificity.csv")]
+    files += [run.rel(p) for p in write_ablation(matrix, heads.ablation)]
     return files, {"n_heads": {n: len(s) for n, s in sets.items()}, "layout": {"n_heads": layout.n_heads, "d_head": layout.d_head,
                                                                               "n_key_value_heads": layout.n_key_value_heads},
                    "n_evaluations": matrix.meta["n_evaluations"]}

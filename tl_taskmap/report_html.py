@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from tl_taskmap.report_layout import ReportLayout
+
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;background:#fafafa;line-height:1.45}
 main{max-width:1100px;margin:auto;padding:1.5em 2em;background:#fff}
@@ -39,9 +41,9 @@ th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
 class _Figures:
     """Draws, saves and embeds figures; a figure that fails is reported in the page, not hidden."""
 
-    def __init__(self, folder: Path):
-        self.folder, self.paths, self.errors = folder, {}, {}
-        folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, layout: ReportLayout):
+        self.layout, self.paths, self.errors = layout, {}, {}
+        layout.figures.mkdir(parents=True, exist_ok=True)
 
     def html(self, name: str, caption: str, draw: Callable[[], Any]) -> str:
         try:
@@ -53,8 +55,8 @@ class _Figures:
             self.errors[name] = f"{type(err).__name__}: {err}"
             return f'<p class="error">Figure <b>{name}</b> could not be drawn: {_esc(self.errors[name])}</p>'
         data = buffer.getvalue()
-        (self.folder / f"{name}.png").write_bytes(data)
-        self.paths[name] = self.folder / f"{name}.png"
+        self.paths[name] = self.layout.figure(name)
+        self.paths[name].write_bytes(data)
         encoded = base64.b64encode(data).decode("ascii")
         return (f'<figure id="fig-{name}"><img alt="{_esc(name)}" src="data:image/png;base64,{encoded}">'
                 f"<figcaption>{caption}</figcaption></figure>")
@@ -289,13 +291,13 @@ def _similarity_panels(stats: Any, layers: Sequence[int]) -> Any:
     return fig
 
 
-def _neurons_section(fig: _Figures, out: Path, k: float, per_layer: bool) -> str:
+def _neurons_section(fig: _Figures, out: ReportLayout, k: float, per_layer: bool) -> str:
     from tl_taskmap import plots
 
-    rel = _read(out / "relevance_by_layer.csv")
-    jaccard = pd.read_csv(out / "neurons" / "jaccard.csv", index_col=0)
-    layer_overlap, sweep = _read(out / "neurons" / "jaccard_per_layer.csv"), _read(out / "neurons" / "overlap_sweep.csv")
-    params = _read(out / "neurons" / "parameter_similarity.csv")
+    rel = _read(out.relevance_by_layer)
+    jaccard = pd.read_csv(out.neuron_table("jaccard.csv"), index_col=0)
+    layer_overlap, sweep = _read(out.neuron_table("jaccard_per_layer.csv")), _read(out.neuron_table("overlap_sweep.csv"))
+    params = _read(out.neuron_table("parameter_similarity.csv"))
     pairs_html = (
         fig.html("jaccard", f"Jaccard overlap |A∩B|/|A∪B| of the tasks' top-{k:.0%} sets. Two random sets of this size "
                             f"overlap by {plots.random_jaccard(k):.3f} on average.", lambda: plots.plot_jaccard_matrix(jaccard))
@@ -416,7 +418,7 @@ def _specificity_display(spec: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _heads_section(fig: _Figures, out: Path, k: float, record: Optional[dict]) -> str:
+def _heads_section(fig: _Figures, out: ReportLayout, k: float, record: Optional[dict]) -> str:
     """The attention-head section (stage ``heads``); empty when the stage did not run."""
     from tl_taskmap import plots
     from tl_taskmap.neurons.ablation_effects import AblationMatrix, plot_ablation_matrix
@@ -425,10 +427,10 @@ def _heads_section(fig: _Figures, out: Path, k: float, record: Optional[dict]) -
         return ""
     if record.get("skipped"):
         return f"<h2 id='heads'>Attention heads</h2><p class='note'>Skipped: {_esc(record['skipped'])}</p>"
-    folder = out / "heads"
-    by_head, by_layer = pd.read_csv(folder / "relevance_by_head.csv"), pd.read_csv(folder / "relevance_by_layer.csv")
-    neuron_layers, overlap = _read(out / "relevance_by_layer.csv"), _read(folder / "overlap_vs_random.csv")
-    matrix, spec = AblationMatrix.load(folder / "ablation" / "matrix.json"), pd.read_csv(folder / "ablation" / "specificity.csv")
+    heads = out.heads
+    by_head, by_layer = pd.read_csv(heads.table("relevance_by_head.csv")), pd.read_csv(heads.table("relevance_by_layer.csv"))
+    neuron_layers, overlap = _read(out.relevance_by_layer), _read(heads.table("overlap_vs_random.csv"))
+    matrix, spec = AblationMatrix.load(heads.ablation.matrix), pd.read_csv(heads.ablation.specificity)
     layout = record.get("layout", {})
     gqa = (f" The model uses grouped-query attention ({layout.get('n_heads')} query heads share {layout.get('n_key_value_heads')} "
            "key/value heads per layer): the units are query heads, each with its own output; ablating one leaves the shared "
@@ -466,13 +468,13 @@ def _heads_section(fig: _Figures, out: Path, k: float, record: Optional[dict]) -
             + _table(spec[cols]))
 
 
-def _selection_section(fig: _Figures, out: Path, record: dict) -> str:
+def _selection_section(fig: _Figures, out: ReportLayout, record: dict) -> str:
     """The selection-method comparison (stage ``selection``); empty when the stage wrote nothing."""
     if not record.get("files"):
         return ""
     from tl_taskmap.neurons.selection_compare import SelectionComparison, plot_selection_comparison
 
-    cmp = SelectionComparison.load(out / "selection")
+    cmp = SelectionComparison.load(out.selection)
     meta = cmp.meta
     n_eval = sorted(set(meta.get("n_evaluation_examples", {}).values()))
 
@@ -646,29 +648,29 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
     from tl_taskmap.neurons.ablation_effects import AblationMatrix, specificity, specificity_effects
     from tl_taskmap.stats.results import LayerStats
 
-    out = Path(out)
-    fig = _Figures(out / "figures")
-    baseline = pd.read_csv(out / "baseline.csv")
-    stats = LayerStats.load(out / "layers" / "stats")
-    controls = json.loads((out / "layers" / "controls.json").read_text())
-    matrix = AblationMatrix.load(out / "ablation" / "matrix.json")
-    spec = pd.read_csv(out / "ablation" / "specificity.csv")
+    layout = ReportLayout(out)
+    fig = _Figures(layout)
+    baseline = pd.read_csv(layout.baseline)
+    stats = LayerStats.load(layout.layers.stats)
+    controls = json.loads(layout.layers.controls.read_text())
+    matrix = AblationMatrix.load(layout.ablation.matrix)
+    spec = pd.read_csv(layout.ablation.specificity)
     if "vs_random_p_holm" not in spec:  # written before the tests existed: recompute from the saved matrix
         spec = specificity(matrix)
     spec["above_chance"] = pd.array([pd.NA if pd.isna(a) else bool(a) for a in spec["above_chance"]], dtype="boolean")
     tasks_html = _tasks_section(fig, baseline, selection, evaluation)
     from tl_taskmap.layer_map_stage import read_layer_map
 
-    layers_html, sections = _layers_section(fig, stats, bool(config.second_model), controls, read_layer_map(out / "layers"))
-    neurons_html = _neurons_section(fig, out, config.k, config.per_layer)
+    layers_html, sections = _layers_section(fig, stats, bool(config.second_model), controls, read_layer_map(layout.layers.folder))
+    neurons_html = _neurons_section(fig, layout, config.k, config.per_layer)
     ablation_html = _ablation_section(fig, matrix, spec, config.per_layer)
-    heads_html = _heads_section(fig, out, config.k, stages.get("heads"))
-    findings = _findings(baseline, spec, pd.read_csv(out / "neurons" / "jaccard.csv", index_col=0), config.k, sections,
-                         _read(out / "relevance_by_layer.csv"), bool(config.second_model) or sections is not None,
+    heads_html = _heads_section(fig, layout, config.k, stages.get("heads"))
+    findings = _findings(baseline, spec, pd.read_csv(layout.neuron_table("jaccard.csv"), index_col=0), config.k, sections,
+                         _read(layout.relevance_by_layer), bool(config.second_model) or sections is not None,
                          effects=specificity_effects(matrix))
     model_name = config.model or "SmolLM2-135M-Instruct (embedded)"
     timing = pd.DataFrame([{"stage": n, "reused": bool(r.get("cached")), "seconds (when computed)": r["seconds"]} for n, r in stages.items()])
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "report.html" and not p.name.startswith("."))
+    files = sorted(layout.rel(p) for p in layout.out.rglob("*") if p.is_file() and p.name != layout.html.name and not p.name.startswith("."))
     body = (
         f"<h1>Task map of {_esc(model_name)}</h1>"
         f"<p>{len(selection)} tasks ({_esc(', '.join(selection.names))}), {config.examples} examples each, top-k = {config.k:g}, "
@@ -682,7 +684,7 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
         + ("<a href='#selection'>Selection methods</a>" if stages.get("selection", {}).get("files") else "")
         + "<a href='#left-out'>Left out</a><a href='#files'>Files</a><a href='#config'>Configuration</a></nav>"
         f"<h2 id='findings'>Findings</h2>{findings}"
-        + tasks_html + layers_html + neurons_html + ablation_html + heads_html + _selection_section(fig, out, stages.get("selection", {}))
+        + tasks_html + layers_html + neurons_html + ablation_html + heads_html + _selection_section(fig, layout, stages.get("selection", {}))
         + "<h2 id='left-out'>Left out, and why</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>"
         + (f"<p class='error'>Figures that failed: {_esc(fig.errors)}</p>" if fig.errors else "")
         + "<h2 id='files'>Files and timings</h2>" + _table(timing, digits=1)
@@ -692,6 +694,6 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
     )
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tl_taskmap: {_esc(model_name)}</title>"
             f"<style>{CSS}</style></head><body><main>{body}</main></body></html>\n")
-    html_path = out / "report.html"
+    html_path = layout.html
     html_path.write_text(page, encoding="utf-8")
     return html_path, dict(fig.paths)

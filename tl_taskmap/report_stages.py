@@ -32,12 +32,12 @@ from typing import Any, Callable, ContextManager, Iterator, Optional
 
 from tl_taskmap import distributed
 from tl_taskmap.report_config import ConfigError
+from tl_taskmap.report_layout import AblationLayout, ReportLayout
 
-__all__ = ["StageStore", "OutLock", "OutLockedError", "file_digests", "write_json_atomic", "RECORD_VERSION"]
+__all__ = ["StageStore", "OutLock", "OutLockedError", "file_digests", "write_json_atomic", "write_ablation", "RECORD_VERSION"]
 
 #: Version of the stage record format; records of another version are recomputed.
 RECORD_VERSION = 2
-STAGING_DIR = ".staging"
 
 
 def _sha256(path: Path) -> str:
@@ -80,6 +80,22 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_ablation(matrix: Any, layout: AblationLayout) -> tuple[Path, ...]:
+    """Write an ablation matrix and its tables (cells, delta table, specificity) into ``layout``; returns the paths.
+
+    Example:
+        >>> write_ablation(matrix, ReportLayout("report").ablation)   # doctest: +SKIP
+    """
+    from tl_taskmap.neurons.ablation_effects import specificity
+
+    layout.folder.mkdir(parents=True, exist_ok=True)
+    matrix.save(layout.matrix)
+    matrix.to_dataframe(per_seed=False).to_csv(layout.cells, index=False)
+    matrix.delta_table().to_csv(layout.delta_table)
+    specificity(matrix).to_csv(layout.specificity, index=False)
+    return layout.files
+
+
 def _move_into_place(staging: Path, root: Path, entries: list[str]) -> None:
     """Move everything under ``staging`` to the same place under ``root``; a listed folder replaces the old one whole."""
     for entry in entries:  # a listed folder (e.g. layers/stats) must not keep stale files of an older run
@@ -114,7 +130,9 @@ class StageStore:
 
     def __init__(self, out: str | os.PathLike, force: bool = False, *, write_root: Optional[str | os.PathLike] = None,
                  stage_into: Optional[Callable[[Path], ContextManager[Any]]] = None):
-        self.out, self.dir, self.force = Path(out), Path(out) / "stages", force
+        self.out, self.force = Path(out), force
+        self.layout = ReportLayout(self.out)
+        self.dir = self.layout.stages
         self.write_root = Path(write_root) if write_root is not None else self.out
         self.stage_into = stage_into
 
@@ -124,7 +142,7 @@ class StageStore:
 
     def check(self, name: str, inputs: dict[str, Any]) -> tuple[Optional[dict[str, Any]], Optional[str]]:
         """``(record, None)`` if the stage can be reused, else ``(None, why)`` (``why`` None when there is no record)."""
-        path = self.dir / f"{name}.json"
+        path = self.layout.stage_record(name)
         if self.force or not path.is_file():
             return None, None
         try:
@@ -159,13 +177,14 @@ class StageStore:
             return {**record, "cached": True}
         log(f"[{name}] recomputing: {why}" if why else f"[{name}] running")
         start = time.perf_counter()
-        staging = self.write_root / "stages" / STAGING_DIR / name
+        write_layout = ReportLayout(self.write_root)
+        staging = write_layout.staging(name)
         if staging.exists():
             shutil.rmtree(staging)  # left by a killed run
         staging.mkdir(parents=True)
         with self.stage_into(staging) if self.stage_into is not None else contextlib.nullcontext():
             files, extra = compute()
-        record_path = self.write_root / "stages" / f"{name}.json"
+        record_path = write_layout.stage_record(name)
         record_path.unlink(missing_ok=True)  # from here until the new record, the stage counts as not finished
         _move_into_place(staging, self.write_root, list(files))
         record = {"format_version": RECORD_VERSION, "stage": name, "hash": self.digest(inputs), "inputs": inputs, "files": sorted(files),
@@ -195,7 +214,7 @@ class OutLock:
     """
 
     def __init__(self, out: str | os.PathLike):
-        self.path = Path(out) / "stages" / ".lock"
+        self.path = ReportLayout(out).lock
         self._file: Any = None
 
     def __enter__(self) -> "OutLock":
