@@ -114,8 +114,8 @@ class HeadsLayout:
     """The attention-head stage's folder (``heads/``).
 
     Example:
-        >>> HeadsLayout(Path("r/heads")).head_set("a b").as_posix()
-        'r/heads/sets/a b.json'
+        >>> HeadsLayout(Path("r/heads")).head_set("sentiment").as_posix()
+        'r/heads/sets/sentiment.json'
     """
 
     folder: Path
