@@ -68,7 +68,7 @@ from tl_taskmap.models import as_adapter
 from tl_taskmap.report_config import ConfigError, MapConfig, load_suite
 from tl_taskmap.file_names import check_file_names, safe_name
 from tl_taskmap.report_layout import ReportLayout
-from tl_taskmap.report_stages import StageStore, maybe_lock, write_ablation, write_json_atomic
+from tl_taskmap.report_stages import StageSpec, StageStore, check_stage_order, maybe_lock, write_ablation, write_json_atomic
 
 __all__ = ["MapConfig", "ConfigError", "ReportResult", "StageStore", "map_model", "safe_name"]
 
@@ -410,6 +410,53 @@ def _selection(run: _Run) -> tuple[list[str], dict]:
     return [run.rel(f) for f in files], {"verdict": comparison.verdict}
 
 
+# ---------------------------------------------------------------------------------------- the stages
+@dataclass
+class _StageContext:
+    """What a stage's ``extra`` hash inputs may read: the run, its configuration, the finished stages' records."""
+
+    run: _Run
+    config: MapConfig
+    stages: dict[str, dict[str, Any]]
+
+    @functools.cached_property
+    def second_model(self) -> Optional[str]:
+        from tl_taskmap.embedded import model_fingerprint
+
+        return model_fingerprint(self.config.second_model) if self.config.second_model else None
+
+
+def _baseline_extra(ctx: _StageContext) -> dict[str, Any]:
+    return {"second_model": ctx.second_model}
+
+
+def _layers_extra(ctx: _StageContext) -> dict[str, Any]:
+    from tl_taskmap.embedded import model_fingerprint
+
+    cfg = ctx.config
+    return {"second_model": ctx.second_model, "control_models": {t: model_fingerprint(f) for t, f in cfg.control_models.items()},
+            "multitask_cached": cfg.multitask == "auto" and not cfg.second_model and _multitask_cached(cfg, ctx.run.selection),
+            "neurons": ctx.stages["neurons"]["hash"] if cfg.control_neurons == "task" else None}
+
+
+#: The pipeline, in the order it runs. ``tests``: the version of a stage's statistical tests (a change re-runs it).
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("baseline", _baseline, constants={"tests": 2}, extra=_baseline_extra),
+    StageSpec("relevance", _relevance),
+    StageSpec("neurons", _neurons, fields=("k", "per_layer"), after=("relevance",), model=False, tasks=False),
+    StageSpec("layers", _layers, after=("neurons",), extra=_layers_extra,
+              fields=("second_model", "sites", "reduce", "train_controls", "control_steps", "control_lr", "control_neurons",
+                      "control_models", "seed", "null_controls", "layer_map_boot", "multitask", "multitask_steps", "multitask_lr",
+                      "multitask_held_out")),
+    StageSpec("ablation", _ablation, fields=("seeds", "ablation_mode", "seed"), after=("neurons",), constants={"tests": 2}),
+    # attention heads as units: relevance, sets, overlap, ablation (tl_taskmap.report_heads)
+    StageSpec("heads", _heads, fields=("k", "per_layer", "seeds", "ablation_mode", "seed"), enabled=lambda config: config.heads),
+    StageSpec("selection", _selection, fields=("selection", "k", "per_layer", "seeds", "ablation_mode", "seed"),
+              after=("relevance", "ablation")),
+)
+check_stage_order(STAGES)
+
+
 # ---------------------------------------------------------------------------------------- result
 @dataclass
 class ReportResult:
@@ -519,34 +566,14 @@ def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], 
         write_json_atomic(run.results.current_config, config.to_dict())
     # The models' identity is their content (a model retrained in place at the same path is another model).
     model_id = {"model": model_fingerprint(config.model), "dtype": config.dtype}
-    second_id = model_fingerprint(config.second_model) if config.second_model else None
     tasks_id = {"selection": _fingerprint(run.selection), "evaluation": _fingerprint(run.evaluation)}
     store = StageStore(run.out, force, write_root=run.write_root, stage_into=run.writing_into)
     stages: dict[str, dict[str, Any]] = {}
-    inputs: dict[str, dict[str, Any]] = {
-        "baseline": {**model_id, "second_model": second_id, **tasks_id, "tests": 2},
-        "relevance": {**model_id, **tasks_id},
-    }
-    stages["baseline"] = store.run("baseline", inputs["baseline"], lambda: _baseline(run), log)
-    stages["relevance"] = store.run("relevance", inputs["relevance"], lambda: _relevance(run), log)
-    inputs["neurons"] = {"relevance": stages["relevance"]["hash"], **config.parts("k", "per_layer")}
-    stages["neurons"] = store.run("neurons", inputs["neurons"], lambda: _neurons(run), log)
-    inputs["layers"] = {**model_id, **tasks_id, **config.parts("second_model", "sites", "reduce", "train_controls", "control_steps",
-                                                              "control_lr", "control_neurons", "control_models", "seed",
-                                                              "null_controls", "layer_map_boot", "multitask", "multitask_steps",
-                                                              "multitask_lr", "multitask_held_out"),
-                        "second_model": second_id, "control_models": {t: model_fingerprint(f) for t, f in config.control_models.items()},
-                        "multitask_cached": config.multitask == "auto" and not config.second_model and _multitask_cached(config, run.selection),
-                        "neurons": stages["neurons"]["hash"] if config.control_neurons == "task" else None}
-    stages["layers"] = store.run("layers", inputs["layers"], lambda: _layers(run), log)
-    inputs["ablation"] = {"neurons": stages["neurons"]["hash"], **model_id, **tasks_id, **config.parts("seeds", "ablation_mode", "seed"), "tests": 2}
-    stages["ablation"] = store.run("ablation", inputs["ablation"], lambda: _ablation(run), log)
-    if config.heads:  # attention heads as units: relevance, sets, overlap, ablation (tl_taskmap.report_heads)
-        inputs["heads"] = {**model_id, **tasks_id, **config.parts("k", "per_layer", "seeds", "ablation_mode", "seed")}
-        stages["heads"] = store.run("heads", inputs["heads"], lambda: _heads(run), log)
-    inputs["selection"] = {"relevance": stages["relevance"]["hash"], "ablation": stages["ablation"]["hash"], **model_id, **tasks_id,
-                           **config.parts("selection", "k", "per_layer", "seeds", "ablation_mode", "seed")}
-    stages["selection"] = store.run("selection", inputs["selection"], lambda: _selection(run), log)
+    context = _StageContext(run, config, stages)
+    for spec in STAGES:
+        if spec.enabled(config):
+            inputs = spec.inputs(config, model=model_id, tasks=tasks_id, upstream=stages, context=context)
+            stages[spec.name] = store.run(spec.name, inputs, functools.partial(spec.compute, run), log)
 
     from tl_taskmap.report_html import left_out, write_report
     from tl_taskmap.task_spec import row_notes

@@ -27,17 +27,80 @@ import shutil
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence
 
 from tl_taskmap import distributed
 from tl_taskmap.report_config import ConfigError
 from tl_taskmap.report_layout import AblationLayout, ReportLayout
 
-__all__ = ["StageStore", "OutLock", "OutLockedError", "file_digests", "write_json_atomic", "write_ablation", "RECORD_VERSION"]
+__all__ = ["StageSpec", "StageStore", "OutLock", "OutLockedError", "check_stage_order", "file_digests", "write_json_atomic",
+           "write_ablation", "RECORD_VERSION"]
 
 #: Version of the stage record format; records of another version are recomputed.
 RECORD_VERSION = 2
+
+
+def _always(config: Any) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One pipeline stage, declared: what runs it and exactly what its record's hash depends on.
+
+    The hash inputs are, in this order (later entries replace earlier ones of the same key): the hash of
+    each stage in ``after`` under that stage's name; the model's identity (``model``); the tasks'
+    contents (``tasks``); the configuration ``fields``; ``constants`` (a version of the stage's tests, say);
+    and ``extra(context)`` for what a configuration field alone does not name (the content of a model
+    folder it points to, say).
+
+    Example:
+        >>> spec = StageSpec("neurons", compute=print, fields=("k",), after=("relevance",), model=False, tasks=False)
+        >>> class Config:
+        ...     k = 0.1
+        ...     def parts(self, *names): return {n: getattr(self, n) for n in names}
+        >>> spec.inputs(Config(), model={"model": "m"}, tasks={"selection": "s"}, upstream={"relevance": {"hash": "abc"}}, context=None)
+        {'relevance': 'abc', 'k': 0.1}
+    """
+
+    name: str
+    compute: Callable[[Any], tuple[list[str], dict]]
+    fields: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    model: bool = True
+    tasks: bool = True
+    constants: Mapping[str, Any] = field(default_factory=dict)
+    extra: Optional[Callable[[Any], dict[str, Any]]] = None
+    enabled: Callable[[Any], bool] = _always
+
+    def inputs(self, config: Any, *, model: Mapping[str, Any], tasks: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]],
+               context: Any) -> dict[str, Any]:
+        """The stage's hash inputs (see the class docstring); ``upstream``: finished stages' records by name."""
+        inputs = {name: upstream[name]["hash"] for name in self.after}
+        inputs.update({**(model if self.model else {}), **(tasks if self.tasks else {}), **config.parts(*self.fields), **self.constants})
+        if self.extra is not None:
+            inputs.update(self.extra(context))
+        return inputs
+
+
+def check_stage_order(specs: Sequence[StageSpec]) -> None:
+    """Raise ValueError unless stage names are unique and every stage comes after the stages it depends on.
+
+    Example:
+        >>> check_stage_order([StageSpec("b", print, after=("a",))])
+        Traceback (most recent call last):
+        ValueError: stage 'b' depends on 'a', which does not run before it
+    """
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise ValueError(f"stage {spec.name!r} is declared twice")
+        for name in spec.after:
+            if name not in seen:
+                raise ValueError(f"stage {spec.name!r} depends on {name!r}, which does not run before it")
+        seen.add(spec.name)
 
 
 def _sha256(path: Path) -> str:
