@@ -575,7 +575,8 @@ def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], 
             inputs = spec.inputs(config, model=model_id, tasks=tasks_id, upstream=stages, context=context)
             stages[spec.name] = store.run(spec.name, inputs, functools.partial(spec.compute, run), log)
 
-    from tl_taskmap.report_html import left_out, write_report
+    from tl_taskmap.report_html import ReportContent, write_report
+    from tl_taskmap.report_notes import left_out
     from tl_taskmap.task_spec import row_notes
 
     notes = row_notes(run.selection, run.evaluation, config.examples) + left_out(config, run.selection, stages["layers"].get("control_tasks", []))
@@ -583,8 +584,12 @@ def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], 
     html, figures = run.results.html, {}
     computed = time.perf_counter() - start  # the page states this time; drawing the page comes after it
     if distributed.is_main_process():
-        html, figures = write_report(run.out, config, run.selection, run.evaluation, stages, notes,
-                                     seconds=computed, model_seconds=run.model_seconds)
+        content = ReportContent(
+            model_name=config.model or "SmolLM2-135M-Instruct (embedded)", selection=run.selection, evaluation=run.evaluation,
+            stages=stages, notes=notes, k=config.k, per_layer=config.per_layer, seeds=config.seeds, examples=config.examples,
+            has_second=bool(config.second_model), device=config.device, dtype=config.dtype, configuration=config.to_dict(),
+            seconds=computed, model_seconds=run.model_seconds)
+        html, figures = write_report(run.out, content)
         write_json_atomic(run.results.config, config.to_dict())  # describes report.html: written with it, at the end
     distributed.barrier()
     if run.write_root != run.out:

@@ -5,9 +5,12 @@ figures are drawn with :mod:`tl_taskmap.plots`, saved as ``figures/<name>.png`` 
 HTML as base64 ``data:`` URIs; the style sheet is inline; there are no scripts and no external
 links, so the file renders the same offline, attached to an e-mail or in a headless browser.
 
+The writer takes results, not the configuration: the saved files in the output folder and a
+:class:`ReportContent` the pipeline builds (what the run was, its stage records, its notes).
+
 Example:
-    >>> from tl_taskmap.report_html import write_report
-    >>> html, figures = write_report(out, config, selection, evaluation, stages, notes, seconds=200.0)   # doctest: +SKIP
+    >>> from tl_taskmap.report_html import ReportContent, write_report
+    >>> html, figures = write_report(out, content)   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import base64
 import html as html_lib
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,6 +40,39 @@ th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
 .error{background:#ffebee;border-left:4px solid #e53935;padding:.5em 1em}
 .wide{overflow-x:auto}pre{background:#f5f5f5;padding:1em;overflow-x:auto;font-size:.85em}ul.findings li{margin:.3em 0}
 """
+
+
+@dataclass(frozen=True)
+class ReportContent:
+    """What the page shows besides the saved results; the pipeline builds it, the writer only reads it.
+
+    Attributes:
+        model_name: The model's name in the title. selection, evaluation: The task suites (the two halves).
+        stages: Stage name → its record (``cached``, ``seconds``, ``files``, stage extras).
+        notes: The "left out, and why" notes. k, per_layer, seeds, examples: What the neuron and ablation
+        stages were run with. has_second: A second (base) model was compared. device, dtype: Where it ran.
+        configuration: The configuration as shown (and repeated with ``--config``). seconds, model_seconds:
+        Wall time before drawing the page, and of it loading models.
+
+    Example:
+        >>> content = ReportContent("m", sel, ev, stages={}, notes=[], k=0.1, per_layer=False, seeds=1, examples=16)  # doctest: +SKIP
+    """
+
+    model_name: str
+    selection: Any
+    evaluation: Any
+    stages: Mapping[str, Mapping[str, Any]]
+    notes: Sequence[str]
+    k: float
+    per_layer: bool
+    seeds: int
+    examples: int
+    has_second: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+    configuration: Mapping[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    model_seconds: float = 0.0
 
 
 class _Figures:
@@ -599,51 +636,11 @@ def _tested_findings(baseline: pd.DataFrame, spec: Optional[pd.DataFrame], effec
     return items
 
 
-def left_out(config: Any, selection: Any, control_tasks: Sequence[str]) -> list[str]:
-    """Plain-language list of the comparisons a run could not make, and why."""
-    notes = []
-    if not config.second_model:
-        notes.append("No base (pre-trained) model was compared (the embedded SmolLM2-135M is instruction-tuned and no same-family "
-                     "base loads offline). The names shared / transition / refinement need a base + tuned pair (--second-model, or "
-                     "the multi-task fine-tune); without one the page shows the layers fine-tuning leaves unchanged and where task "
-                     "controls depart from the model more than null controls do.")
-    if len(selection) == 1:
-        notes.append(f"This map has one task ({selection.names[0]}): the comparisons between tasks — neuron-set overlap, parameter "
-                     "similarity, cross-task similarity of representations and the ablation matrix's other-task rows and columns "
-                     "(and so the 'own vs other tasks' neurons' specificity) — need at least two tasks and are absent. Relevance, "
-                     "the task's neurons against random sets, ablation against random sets and the layer map against "
-                     "control models are complete.")
-    missing = [t for t in selection.names if t not in control_tasks]
-    if missing:
-        notes.append(f"Control models (one fine-tuned copy per task, the paper's C_t) exist for {len(control_tasks)} of "
-                     f"{len(selection)} tasks ({', '.join(control_tasks) or 'none'}); to stay within a CPU budget none was "
-                     f"trained for {', '.join(missing)}, so those tasks have no CKA-to-control curve (raise --train-controls).")
-    if control_tasks and any(t not in config.control_models for t in control_tasks):
-        trained = "all parameters" if config.control_neurons == "full" else "only the task's top-k neurons"
-        notes.append(f"Trained control models are short fine-tunes ({config.control_steps} steps, lr {config.control_lr}, "
-                     f"{trained}) on {config.examples // 2} examples, far from the paper's 3-epoch LoRA controls: their CKA "
-                     "curves show where a few steps of training on one task move the representations, not what a converged "
-                     "single-task model looks like.")
-    if not config.second_model and getattr(config, "multitask", "off") != "train":
-        notes.append("The paper's experimental model E (fine-tuned on all tasks together) is trained only with multitask='train' "
-                     "(or when a cached one is found, see the layer map); otherwise the given model stands in for E "
-                     "(python -m tl_taskmap.setup_assets --multitask builds it ahead of time).")
-    from tl_taskmap.stats.similarity import centred_cosine_omitted, embedding_omitted
-
-    for reason in (centred_cosine_omitted(len(selection)), embedding_omitted({t.name: len(t) for t in selection})):
-        if reason:
-            notes.append(reason)
-    notes.append("Neuron-restricted fine-tuning and NCFT continual learning are not part of the report (they train several "
-                 "models); tutorial 04 runs them.")
-    return notes
-
-
-def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages: dict[str, dict], notes: Sequence[str], *,
-                 seconds: float, model_seconds: float = 0.0) -> tuple[Path, dict[str, Path]]:
+def write_report(out: Path, content: ReportContent) -> tuple[Path, dict[str, Path]]:
     """Draw every figure from the results in ``out`` and write ``out/report.html``; returns ``(html, figures)``.
 
     Example:
-        >>> html, figures = write_report(Path("report"), config, sel, ev, stages, notes, seconds=120.0)   # doctest: +SKIP
+        >>> html, figures = write_report(Path("report"), content)   # doctest: +SKIP
     """
     from tl_taskmap.neurons.ablation_effects import AblationMatrix, specificity, specificity_effects
     from tl_taskmap.stats.results import LayerStats
@@ -657,26 +654,27 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
     spec = pd.read_csv(layout.ablation.specificity)
     if "vs_random_p_holm" not in spec:  # written before the tests existed: recompute from the saved matrix
         spec = specificity(matrix)
+    c, stages, selection = content, content.stages, content.selection
     spec["above_chance"] = pd.array([pd.NA if pd.isna(a) else bool(a) for a in spec["above_chance"]], dtype="boolean")
-    tasks_html = _tasks_section(fig, baseline, selection, evaluation)
+    tasks_html = _tasks_section(fig, baseline, selection, c.evaluation)
     from tl_taskmap.layer_map_stage import read_layer_map
 
-    layers_html, sections = _layers_section(fig, stats, bool(config.second_model), controls, read_layer_map(layout.layers.folder))
-    neurons_html = _neurons_section(fig, layout, config.k, config.per_layer)
-    ablation_html = _ablation_section(fig, matrix, spec, config.per_layer)
-    heads_html = _heads_section(fig, layout, config.k, stages.get("heads"))
-    findings = _findings(baseline, spec, pd.read_csv(layout.neuron_table("jaccard.csv"), index_col=0), config.k, sections,
-                         _read(layout.relevance_by_layer), bool(config.second_model) or sections is not None,
+    layers_html, sections = _layers_section(fig, stats, c.has_second, controls, read_layer_map(layout.layers.folder))
+    neurons_html = _neurons_section(fig, layout, c.k, c.per_layer)
+    ablation_html = _ablation_section(fig, matrix, spec, c.per_layer)
+    heads_html = _heads_section(fig, layout, c.k, stages.get("heads"))
+    findings = _findings(baseline, spec, pd.read_csv(layout.neuron_table("jaccard.csv"), index_col=0), c.k, sections,
+                         _read(layout.relevance_by_layer), c.has_second or sections is not None,
                          effects=specificity_effects(matrix))
-    model_name = config.model or "SmolLM2-135M-Instruct (embedded)"
+    model_name = c.model_name
     timing = pd.DataFrame([{"stage": n, "reused": bool(r.get("cached")), "seconds (when computed)": r["seconds"]} for n, r in stages.items()])
     files = sorted(layout.rel(p) for p in layout.out.rglob("*") if p.is_file() and p.name != layout.html.name and not p.name.startswith("."))
     body = (
         f"<h1>Task map of {_esc(model_name)}</h1>"
-        f"<p>{len(selection)} tasks ({_esc(', '.join(selection.names))}), {config.examples} examples each, top-k = {config.k:g}, "
-        f"{config.seeds} random seeds, {_esc(config.device)}/{_esc(config.dtype)}. Computing the stages took "
-        f"{sum(r['seconds'] for r in stages.values()):.0f} s; this run took {seconds:.0f} s before drawing this page"
-        + (f" (model loading {model_seconds:.0f} s)" if model_seconds else "")
+        f"<p>{len(selection)} tasks ({_esc(', '.join(selection.names))}), {c.examples} examples each, top-k = {c.k:g}, "
+        f"{c.seeds} random seeds, {_esc(c.device)}/{_esc(c.dtype)}. Computing the stages took "
+        f"{sum(r['seconds'] for r in stages.values()):.0f} s; this run took {c.seconds:.0f} s before drawing this page"
+        + (f" (model loading {c.model_seconds:.0f} s)" if c.model_seconds else "")
         + (f", reusing {sum(bool(r.get('cached')) for r in stages.values())} finished stages" if any(r.get("cached") for r in stages.values()) else "")
         + ".</p>"
         "<nav><a href='#findings'>Findings</a><a href='#tasks'>Tasks</a><a href='#layers'>Layer map</a><a href='#neurons'>Neurons</a>"
@@ -685,12 +683,12 @@ def write_report(out: Path, config: Any, selection: Any, evaluation: Any, stages
         + "<a href='#left-out'>Left out</a><a href='#files'>Files</a><a href='#config'>Configuration</a></nav>"
         f"<h2 id='findings'>Findings</h2>{findings}"
         + tasks_html + layers_html + neurons_html + ablation_html + heads_html + _selection_section(fig, layout, stages.get("selection", {}))
-        + "<h2 id='left-out'>Left out, and why</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>"
+        + "<h2 id='left-out'>Left out, and why</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in c.notes) + "</ul>"
         + (f"<p class='error'>Figures that failed: {_esc(fig.errors)}</p>" if fig.errors else "")
         + "<h2 id='files'>Files and timings</h2>" + _table(timing, digits=1)
         + "<p>Results as data, next to this file:</p><pre>" + _esc("\n".join(files)) + "</pre>"
-        + "<h2 id='config'>Configuration</h2><p>Repeat this run with <code>tl-taskmap map --config config.json</code>.</p><pre>"
-        + _esc(json.dumps(config.to_dict(), indent=1)) + "</pre>"
+        + f"<h2 id='config'>Configuration</h2><p>Repeat this run with <code>tl-taskmap map --config {layout.config.name}</code>.</p><pre>"
+        + _esc(json.dumps(dict(c.configuration), indent=1)) + "</pre>"
     )
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tl_taskmap: {_esc(model_name)}</title>"
             f"<style>{CSS}</style></head><body><main>{body}</main></body></html>\n")
