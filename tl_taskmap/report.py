@@ -68,6 +68,7 @@ from tl_taskmap.models import as_adapter
 from tl_taskmap.report_config import ConfigError, MapConfig, load_suite
 from tl_taskmap.file_names import check_file_names, safe_name
 from tl_taskmap.report_layout import ReportLayout
+from tl_taskmap.state_io import FORMAT_VERSIONS
 from tl_taskmap.report_stages import StageSpec, StageStore, check_stage_order, maybe_lock, write_ablation, write_json_atomic
 
 __all__ = ["MapConfig", "ConfigError", "ReportResult", "StageStore", "map_model", "safe_name"]
@@ -185,7 +186,7 @@ def _baseline(run: _Run) -> tuple[list[str], dict]:
     above_chance_table(pd.DataFrame(rows), by="model").to_csv(path, index=False)
     per_example = run.path(run.layout.baseline_examples)
     tmp = per_example.with_name(f".{per_example.name}.tmp")
-    tmp.write_text(json.dumps({"format": "tl_taskmap.BaselineExamples", "format_version": 1, "scores": examples}))
+    tmp.write_text(json.dumps({"format": "tl_taskmap.BaselineExamples", "format_version": FORMAT_VERSIONS["baseline_examples"], "scores": examples}))
     tmp.replace(per_example)
     return [run.rel(path), run.rel(per_example)], {}
 

@@ -34,12 +34,13 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, S
 from tl_taskmap import distributed
 from tl_taskmap.report_config import ConfigError
 from tl_taskmap.report_layout import AblationLayout, ReportLayout
+from tl_taskmap.state_io import FORMAT_VERSIONS, format_matches
 
 __all__ = ["StageSpec", "StageStore", "OutLock", "OutLockedError", "check_stage_order", "file_digests", "write_json_atomic",
            "write_ablation", "RECORD_VERSION"]
 
-#: Version of the stage record format; records of another version are recomputed.
-RECORD_VERSION = 2
+#: Version of the stage record format (:data:`tl_taskmap.state_io.FORMAT_VERSIONS`); records of another version are recomputed.
+RECORD_VERSION = FORMAT_VERSIONS["stage_record"]
 
 
 def _always(config: Any) -> bool:
@@ -212,7 +213,7 @@ class StageStore:
             record = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             return None, f"its record is unreadable ({err})"
-        if not isinstance(record, dict) or record.get("format_version") != RECORD_VERSION or not isinstance(record.get("sha256"), dict):
+        if not isinstance(record, dict) or not format_matches("stage_record", record.get("format_version")) or not isinstance(record.get("sha256"), dict):
             return None, f"its record has another format (expected version {RECORD_VERSION})"
         if record.get("hash") != self.digest(inputs):
             return None, None  # other settings: an ordinary re-run, nothing to warn about
