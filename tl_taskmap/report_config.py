@@ -134,7 +134,7 @@ class MapConfig:
             >>> MapConfig(k=1.5).validate()
             Traceback (most recent call last):
             ...
-            tl_taskmap.report_config.ConfigError: k must be in (0, 1] (a fraction: 0.1 = top 10%), got 1.5
+            tl_taskmap.errors.ConfigError: k must be in (0, 1] (a fraction: 0.1 = top 10%), got 1.5
         """
         _check_types(self)
         _check(isinstance(self.k, (int, float)) and not isinstance(self.k, bool) and 0 < self.k <= 1,
