@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tl_taskmap.report_layout import ABLATION_FILES, ReportLayout
+from tl_taskmap.report.layout import ABLATION_FILES, ReportLayout
 
 
 def test_layout_names_the_documented_files():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tl_taskmap.report import STAGES, MapConfig, _StageContext
-from tl_taskmap.report_stages import StageSpec, check_stage_order
+from tl_taskmap.report.pipeline import STAGES, MapConfig, _StageContext
+from tl_taskmap.report.stages import StageSpec, check_stage_order
 
 
 def test_stages_run_in_dependency_order():

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from tl_taskmap.report_layout import LAYER_MAP_TABLES, LayersLayout
+from tl_taskmap.report.layout import LAYER_MAP_TABLES, LayersLayout
 
 __all__ = ["build_layer_map", "UNCHANGED_CKA", "read_layer_map"]
 

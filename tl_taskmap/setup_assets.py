@@ -170,7 +170,7 @@ def ensure_multitask(cache_dir: Optional[Path] = None, config: Optional[object] 
     import torch
 
     from tl_taskmap.neurons.multitask import multitask_model
-    from tl_taskmap.report_config import MapConfig, load_suite
+    from tl_taskmap.report.config import MapConfig, load_suite
 
     cfg = config or MapConfig()
     selection, _ = load_suite(cfg)

@@ -37,7 +37,7 @@ FORMAT_VERSIONS: dict[str, int] = {
     "state": 1,              # probe states (this module)
     "layer_stats": 1,        # tl_taskmap.stats.results.LayerStats
     "activations": 1,        # tl_taskmap.sinks: activation files and folders
-    "stage_record": 2,       # tl_taskmap.report_stages: <out>/stages/<stage>.json
+    "stage_record": 2,       # tl_taskmap.report.stages: <out>/stages/<stage>.json
     "baseline_examples": 1,  # tl_taskmap.report: baseline_examples.json
     "model_manifest": 1,     # tl_taskmap.embedded: the embedded model's manifest
     "bigbench_manifest": 1,  # tl_taskmap.setup_assets: the extracted BIG-bench tasks' manifest

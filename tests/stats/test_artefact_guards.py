@@ -46,8 +46,8 @@ def test_t_sne_needs_enough_points_per_task():
 
 def test_report_does_not_draw_capped_dims_as_a_trend(tmp_path):
     """All counts capped: no figure, a note saying why; some capped: figure with the capped ones marked."""
-    from tl_taskmap.report_html import _dims_html, _Figures
-    from tl_taskmap.report_layout import ReportLayout
+    from tl_taskmap.report.html import _dims_html, _Figures
+    from tl_taskmap.report.layout import ReportLayout
 
     rng = np.random.default_rng(2)
     iso = rng.normal(size=(3, 10, 32))  # 10 examples, 32 dims: every layer needs n - 1 = 9 directions

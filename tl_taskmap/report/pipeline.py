@@ -4,23 +4,23 @@
 
 * ``report.html`` — self-contained (figures embedded as base64 PNG, inline CSS, no scripts, no
   network) — and the same figures as ``figures/*.png``; ``config.json``, the exact
-  :class:`~tl_taskmap.report_config.MapConfig` (``tl-taskmap map --config config.json`` repeats the run);
+  :class:`~tl_taskmap.report.config.MapConfig` (``tl-taskmap map --config config.json`` repeats the run);
 * results as data: ``baseline.csv`` (with the exact above-chance test), ``baseline_examples.json``
   (per-example scores, answer losses, option scores); ``relevance/<task>.safetensors`` and ``relevance_by_layer.csv``;
   ``neurons/<task>.json`` with ``jaccard*.csv``, ``overlap_sweep.csv``, ``parameter_similarity.csv``;
   ``layers/`` (:class:`~tl_taskmap.stats.results.LayerStats` as JSON + safetensors, ``layer_stats.csv``,
   ``controls.json``); ``ablation/matrix.json`` with ``cells.csv``, ``delta_table.csv``, ``specificity.csv``;
-  ``heads/`` (attention heads as units, :mod:`tl_taskmap.report_heads`; off with ``heads=False``);
+  ``heads/`` (attention heads as units, :mod:`tl_taskmap.report.heads`; off with ``heads=False``);
   ``selection/`` (the selection-method comparison: ``comparison.csv``, ``summary.csv``, ``comparison.json``
   with the verdict, ``matrix_<method>.json``);
-* every path above is spelled once, in :class:`~tl_taskmap.report_layout.ReportLayout`;
+* every path above is spelled once, in :class:`~tl_taskmap.report.layout.ReportLayout`;
 * ``stages/<stage>.json``: what each stage depended on (a hash of those configuration fields,
   the task contents, the model's content and upstream stages), its files with their sha256 and how
   long it took; ``stages/current_config.json``: the configuration of the latest run, finished or not
   (``config.json`` is written with ``report.html``, at the end).
 
 A re-run with the same configuration reuses every stage whose record matches and whose files still
-have the sha256 in its record (see :mod:`tl_taskmap.report_stages`; a second run on the same folder is refused),
+have the sha256 in its record (see :mod:`tl_taskmap.report.stages`; a second run on the same folder is refused),
 and loads a model only if some stage has to run; changing ``k`` re-runs the neuron and ablation
 stages only. Selection and measurement use different examples: each task is split in half
 (seeded); relevance, neuron sets and control models use the *selection* half and every reported
@@ -65,15 +65,15 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from tl_taskmap import distributed
 from tl_taskmap.models import as_adapter
-from tl_taskmap.report_config import ConfigError, MapConfig, load_suite
+from tl_taskmap.report.config import ConfigError, MapConfig, load_suite
 from tl_taskmap.file_names import check_file_names, safe_name
-from tl_taskmap.report_layout import ReportLayout
+from tl_taskmap.report.layout import ReportLayout
 from tl_taskmap.state_io import FORMAT_VERSIONS
-from tl_taskmap.report_stages import StageSpec, StageStore, check_stage_order, maybe_lock, write_ablation, write_json_atomic
+from tl_taskmap.report.stages import StageSpec, StageStore, check_stage_order, maybe_lock, write_ablation, write_json_atomic
 
 __all__ = ["MapConfig", "ConfigError", "ReportResult", "StageStore", "map_model", "safe_name"]
 
-from tl_taskmap.report_labels import CONTROL_LABEL, MODEL_LABEL, SECOND_LABEL  # noqa: E402  (re-exported)
+from tl_taskmap.report.labels import CONTROL_LABEL, MODEL_LABEL, SECOND_LABEL  # noqa: E402  (re-exported)
 
 
 def _fingerprint(suite: Any) -> str:
@@ -388,7 +388,7 @@ def _ablation(run: _Run) -> tuple[list[str], dict]:
 
 
 def _heads(run: _Run) -> tuple[list[str], dict]:
-    from tl_taskmap.report_heads import heads_stage
+    from tl_taskmap.report.heads import heads_stage
 
     return heads_stage(run)
 def _selection(run: _Run) -> tuple[list[str], dict]:
@@ -450,7 +450,7 @@ STAGES: tuple[StageSpec, ...] = (
                       "control_models", "seed", "null_controls", "layer_map_boot", "multitask", "multitask_steps", "multitask_lr",
                       "multitask_held_out")),
     StageSpec("ablation", _ablation, fields=("seeds", "ablation_mode", "seed"), after=("neurons",), constants={"tests": 2}),
-    # attention heads as units: relevance, sets, overlap, ablation (tl_taskmap.report_heads)
+    # attention heads as units: relevance, sets, overlap, ablation (tl_taskmap.report.heads)
     StageSpec("heads", _heads, fields=("k", "per_layer", "seeds", "ablation_mode", "seed"), enabled=lambda config: config.heads),
     StageSpec("selection", _selection, fields=("selection", "k", "per_layer", "seeds", "ablation_mode", "seed"),
               after=("relevance", "ablation")),
@@ -576,8 +576,8 @@ def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], 
             inputs = spec.inputs(config, model=model_id, tasks=tasks_id, upstream=stages, context=context)
             stages[spec.name] = store.run(spec.name, inputs, functools.partial(spec.compute, run), log)
 
-    from tl_taskmap.report_html import ReportContent, write_report
-    from tl_taskmap.report_notes import left_out
+    from tl_taskmap.report.html import ReportContent, write_report
+    from tl_taskmap.report.notes import left_out
     from tl_taskmap.task_spec import row_notes
 
     notes = row_notes(run.selection, run.evaluation, config.examples) + left_out(config, run.selection, stages["layers"].get("control_tasks", []))

@@ -3,7 +3,7 @@
 The pipeline writes these into the page's "Left out" section (the HTML writer never reads the configuration).
 
 Example:
-    >>> from tl_taskmap.report_config import MapConfig
+    >>> from tl_taskmap.report.config import MapConfig
     >>> from tl_taskmap.tasks import Example, Task, as_suite
     >>> suite = as_suite([Task("sum", [Example("1 + 1 =", " 2", (" 2", " 3"))] * 4)])
     >>> notes = left_out(MapConfig(), suite, control_tasks=[])

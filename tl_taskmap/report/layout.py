@@ -5,7 +5,7 @@ or a stage's staging folder), and every reader (the HTML writer, :class:`~tl_tas
 the loaders) reads through a :class:`ReportLayout` of the output folder, so a file name is spelled once.
 
 Example:
-    >>> from tl_taskmap.report_layout import ReportLayout
+    >>> from tl_taskmap.report.layout import ReportLayout
     >>> layout = ReportLayout("taskmap-report")
     >>> layout.rel(layout.neuron_set("sentiment"))
     'neurons/sentiment.json'
