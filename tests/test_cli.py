@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tl_taskmap import cli, embedded
-from tl_taskmap.report_config import ConfigError, MapConfig
+from tl_taskmap.report.config import ConfigError, MapConfig
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 
 from tests.test_suite import LEXICON, toy_cache  # noqa: F401 - toy_cache is a fixture used below
 from tl_taskmap import cli, embedded, setup_assets
-from tl_taskmap.report_config import ConfigError, MapConfig, load_suite
+from tl_taskmap.report.config import ConfigError, MapConfig, load_suite
 from tl_taskmap.suite import default_suite
 
 

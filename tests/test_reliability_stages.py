@@ -25,8 +25,8 @@ from tests.test_report import tiny_config, write_tasks
 from tl_taskmap import cli, embedded
 from tl_taskmap.neurons.attribution import relevance
 from tl_taskmap.report import ConfigError, MapConfig, load_neuron_sets, load_relevance, map_model
-from tl_taskmap.report_config import load_suite
-from tl_taskmap.report_stages import OutLock, OutLockedError
+from tl_taskmap.report.config import load_suite
+from tl_taskmap.report.stages import OutLock, OutLockedError
 from tl_taskmap.tasks import Task
 
 pytestmark = pytest.mark.slow
@@ -99,7 +99,7 @@ KILLER = textwrap.dedent(
     import os, signal, sys
     import torch
     torch.set_num_threads(1)
-    from tl_taskmap import report_stages
+    from tl_taskmap.report import stages as report_stages
     import importlib
     relevance_module = importlib.import_module("tl_taskmap.neurons.attribution")
     from tl_taskmap.report import MapConfig, map_model
@@ -267,7 +267,7 @@ def test_5_config_json_still_describes_the_report_after_a_failed_run(finished, t
 
 
 # ------------------------------------------------------------------------------------ case 6
-HOLDER = "import sys, time\nfrom tl_taskmap.report_stages import OutLock\nwith OutLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n"
+HOLDER = "import sys, time\nfrom tl_taskmap.report.stages import OutLock\nwith OutLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n"
 
 
 def test_5_a_broken_model_folder_is_one_error_line(tmp_path, capsys):

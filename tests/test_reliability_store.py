@@ -10,7 +10,7 @@ import pytest
 
 from tl_taskmap import embedded
 from tl_taskmap.file_names import MAX_NAME_CHARS, check_file_names, safe_name
-from tl_taskmap.report_stages import RECORD_VERSION, OutLock, OutLockedError, StageStore
+from tl_taskmap.report.stages import RECORD_VERSION, OutLock, OutLockedError, StageStore
 
 
 def compute_into(root: dict, value: str):

@@ -96,7 +96,7 @@ def test_report_numbers_are_finite(report):
 
     baseline = report.baseline()
     assert set(baseline["task"]) == {"sentiment", "arith"} and finite(baseline["metric_value"]) and finite(baseline["loss"])
-    from tl_taskmap.report_config import load_suite
+    from tl_taskmap.report.config import load_suite
 
     _, evaluation = load_suite(report.config)  # 12 examples split in half, every copy of a repeated prompt in one half
     assert list(baseline["n"]) == [len(evaluation[t]) for t in baseline["task"]] and (baseline["n"] >= 4).all()
@@ -184,7 +184,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_cli_maps_the_real_default_model(tmp_path):
-    from tl_taskmap.report_config import DEFAULT_TASKS
+    from tl_taskmap.report.config import DEFAULT_TASKS
 
     names = list(DEFAULT_TASKS[:2])
     out = tmp_path / "report"

@@ -68,7 +68,7 @@ def test_page_states_tests_counts_intervals_and_power(report):
 def test_findings_from_tests_on_a_simulated_matrix():
     from tests.neurons.test_ablation_matrix import synthetic_matrix
     from tl_taskmap.neurons.ablation_effects import specificity, specificity_effects
-    from tl_taskmap.report_html import _tested_findings
+    from tl_taskmap.report.html import _tested_findings
     from tl_taskmap.stats.inference import above_chance_table, combine_effects
 
     matrix = synthetic_matrix()

@@ -19,7 +19,7 @@ from tests.test_bigbench import CHOICE, make_archive
 from tl_taskmap import suite as suite_module
 from tl_taskmap.cli import main
 from tl_taskmap.report import MapConfig, map_model
-from tl_taskmap.report_config import ConfigError, load_suite
+from tl_taskmap.report.config import ConfigError, load_suite
 from tl_taskmap.suite import TaskSpec
 from tl_taskmap.task_spec import Defaults, TaskEntry, TaskSpecError, builtin_table, load_entries, parse_entry, read_spec, row_notes
 

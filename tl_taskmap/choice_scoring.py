@@ -14,7 +14,7 @@ tensor positions sees the prompt pass and the option pass as separate tensors.
 
 Example:
     >>> sums, counts = option_logprob_sums(adapter, ["2 + 2 ="], [[" 4", " five"]])   # doctest: +SKIP
-    >>> sums / counts        # mean log-probability per option token, in (example, option) order
+    >>> sums / counts        # mean log-probability per option token, in (example, option) order   # doctest: +SKIP
 """
 
 from __future__ import annotations

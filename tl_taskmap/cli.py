@@ -1,6 +1,6 @@
 """The ``tl-taskmap`` command (also ``python -m tl_taskmap``): a thin layer over :func:`tl_taskmap.report.map_model`.
 
-Every option maps to a :class:`~tl_taskmap.report_config.MapConfig` field. Options are checked
+Every option maps to a :class:`~tl_taskmap.report.config.MapConfig` field. Options are checked
 (paths exist, ``k`` in (0, 1], seeds ≥ 1, dtype / device / site names) before anything heavy is
 imported or any model is loaded; a bad option exits with status 2 and a message naming it.
 
@@ -25,8 +25,8 @@ import sys
 import traceback
 from typing import Any, Optional, Sequence
 
-from tl_taskmap.report_config import ABLATION_MODES, CONTROL_NEURONS, DTYPES, REDUCTIONS, ConfigError, MapConfig
-from tl_taskmap.report_config import SELECTION_METHODS
+from tl_taskmap.report.config import ABLATION_MODES, CONTROL_NEURONS, DTYPES, REDUCTIONS, ConfigError, MapConfig
+from tl_taskmap.report.config import SELECTION_METHODS
 
 _DEFAULTS = MapConfig()
 _RUN_OPTIONS = ("command", "config", "force", "dry_run", "quiet", "threads", "debug")  # how to run, not what: not in MapConfig
@@ -181,7 +181,7 @@ def list_tasks(sizes: bool = True, as_json: bool = False) -> int:
 
 def _add_layer_map_options(m: argparse.ArgumentParser) -> None:
     """Null controls and the multi-task base-vs-tuned pair of the layer map (:mod:`tl_taskmap.layer_map_stage`)."""
-    from tl_taskmap.report_config import MULTITASK_MODES
+    from tl_taskmap.report.config import MULTITASK_MODES
 
     g = m.add_argument_group("layer map: null controls and the multi-task pair")
     g.add_argument("--null-controls", action=argparse.BooleanOptionalAction,
@@ -236,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = config_from_args(args)
         if getattr(args, "dry_run", False):
-            from tl_taskmap.report_config import load_suite
+            from tl_taskmap.report.config import load_suite
 
             selection, evaluation = load_suite(config)
             print(json.dumps(config.to_dict(), indent=1))

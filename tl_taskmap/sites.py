@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from tl_taskmap.models import SITE_ALIASES, SITE_TEMPLATES, as_adapter
 
@@ -61,6 +61,34 @@ def resolve_sites(model: Any, sites: SiteSpec) -> list[Site]:
     for site in out:
         seen.setdefault(site.hook_name, site)
     return list(seen.values())
+
+
+def parse_site(item: Any, default_kind: str = "resid_post") -> tuple[Optional[int], str]:
+    """``(layer, kind)`` named by a site specification, without a model; layer None means every layer.
+
+    The same forms as :func:`resolve_sites`: a kind or alias (every layer), a full hook name, a ``(layer, kind)``
+    or ``(kind, layer)`` pair, a :class:`Site`, or a bare layer number (``default_kind`` at that layer). Kinds are
+    canonical where they have an alias (``"neurons"`` → ``"mlp_post"``); whether the model has them is the
+    caller's check.
+
+    Example:
+        >>> parse_site("neurons"), parse_site(("resid_post", 3)), parse_site("blocks.2.mlp.hook_post"), parse_site(4)
+        ((None, 'mlp_post'), (3, 'resid_post'), (2, 'mlp_post'), (4, 'resid_post'))
+    """
+    if isinstance(item, Site):
+        return item.layer, SITE_ALIASES.get(item.kind, item.kind)
+    if _is_int(item):
+        return int(item), default_kind
+    if is_site_pair(item):
+        layer, kind = site_pair(item)
+        return layer, SITE_ALIASES.get(kind, kind)
+    if isinstance(item, str) and item.startswith("blocks."):
+        parts = item.split(".", 2)
+        if len(parts) == 3 and parts[1].isdigit():
+            return int(parts[1]), SITE_ALIASES.get(parts[2], parts[2])
+    if isinstance(item, str):
+        return None, SITE_ALIASES.get(item, item)
+    raise TypeError(f"cannot read a site from {item!r}; use 'resid_post', (layer, 'mlp_post') or 'blocks.3.hook_resid_post'.")
 
 
 def is_site_pair(item: Any) -> bool:

@@ -6,6 +6,11 @@ both to one ``.safetensors`` file (the document and :data:`FORMAT_VERSION` in it
 through a temporary file and a rename, so a crash never leaves half a file.
 :mod:`tl_taskmap.distributed` sends the same two parts over collectives.
 
+:data:`FORMAT_VERSIONS` is the one registry of the versions of the files this package writes; a
+module keeps its public constant (``tl_taskmap.stats.results.FORMAT_VERSION``, ...) read from it, and
+readers check a file's version with :func:`check_format`, which names the file, the format, the
+version found and the one this tl_taskmap reads.
+
 Example:
     >>> import torch, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "s.safetensors")
@@ -26,10 +31,51 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-FORMAT_VERSION = 1
+#: The version each file format of this package is written in, and the only one read back (bump it here when a
+#: format changes). Formats of tl_taskmap.neurons and tl_taskmap.stats.cka keep their own constants for now.
+FORMAT_VERSIONS: dict[str, int] = {
+    "state": 1,              # probe states (this module)
+    "layer_stats": 1,        # tl_taskmap.stats.results.LayerStats
+    "activations": 1,        # tl_taskmap.sinks: activation files and folders
+    "stage_record": 2,       # tl_taskmap.report.stages: <out>/stages/<stage>.json
+    "baseline_examples": 1,  # tl_taskmap.report: baseline_examples.json
+    "model_manifest": 1,     # tl_taskmap.embedded: the embedded model's manifest
+    "bigbench_manifest": 1,  # tl_taskmap.setup_assets: the extracted BIG-bench tasks' manifest
+}
+FORMAT_VERSION = FORMAT_VERSIONS["state"]
 _HEADER_KEY = "tl_taskmap.state"
 
-__all__ = ["FORMAT_VERSION", "split_state", "join_state", "save_state_file", "load_state_file"]
+__all__ = ["FORMAT_VERSION", "FORMAT_VERSIONS", "FormatVersionError", "check_format", "format_matches", "split_state",
+           "join_state", "save_state_file", "load_state_file"]
+
+
+class FormatVersionError(ValueError):
+    """A file written in a format version this tl_taskmap does not read."""
+
+
+def format_matches(kind: str, found: Any) -> bool:
+    """Whether ``found`` (an int, or its text as stored in safetensors metadata) is the version of ``kind`` read here.
+
+    Example:
+        >>> format_matches("state", 1), format_matches("state", "1"), format_matches("state", None)
+        (True, True, False)
+    """
+    expected = FORMAT_VERSIONS[kind]
+    return found == expected or (isinstance(found, str) and found == str(expected))
+
+
+def check_format(kind: str, found: Any, path: Union[str, os.PathLike, None] = None) -> None:
+    """Raise :class:`FormatVersionError` unless ``found`` is the version of format ``kind`` this tl_taskmap reads.
+
+    Example:
+        >>> check_format("layer_stats", 1, "r/layers/stats")
+        >>> check_format("layer_stats", 99, "r/layers/stats")
+        Traceback (most recent call last):
+        tl_taskmap.state_io.FormatVersionError: r/layers/stats has layer_stats format version 99; this tl_taskmap reads version 1
+    """
+    if not format_matches(kind, found):
+        where = f"{os.fspath(path)} has" if path is not None else "found"
+        raise FormatVersionError(f"{where} {kind} format version {found!r}; this tl_taskmap reads version {FORMAT_VERSIONS[kind]}")
 
 
 def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -91,9 +137,7 @@ def load_state_file(path: Union[str, os.PathLike], kind: Optional[str] = None) -
         if raw is None:
             raise ValueError(f"{os.fspath(path)} has no {_HEADER_KEY!r} header; it was not written by a tl_taskmap probe")
         header = json.loads(raw)
-        if header.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{os.fspath(path)} has state format version {header.get('format_version')!r}; "
-                             f"this tl_taskmap reads version {FORMAT_VERSION}")
+        check_format("state", header.get("format_version"), path)
         if kind is not None and header.get("kind") != kind:
             raise ValueError(f"{os.fspath(path)} holds a {header.get('kind')!r} state, not a {kind!r} state")
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}

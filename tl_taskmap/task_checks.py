@@ -1,7 +1,7 @@
 """Checks of task data before a run: valid tasks, distinct file names, a leak-free split, a reachable hub.
 
-Called by :func:`tl_taskmap.report_config.load_suite` (and usable by any other task loader) before
-any model is loaded; every problem is a :class:`~tl_taskmap.report_config.ConfigError` naming the
+Called by :func:`tl_taskmap.report.config.load_suite` (and usable by any other task loader) before
+any model is loaded; every problem is a :class:`~tl_taskmap.report.config.ConfigError` naming the
 task and the fix.
 
 Example:

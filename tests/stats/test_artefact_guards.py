@@ -46,13 +46,14 @@ def test_t_sne_needs_enough_points_per_task():
 
 def test_report_does_not_draw_capped_dims_as_a_trend(tmp_path):
     """All counts capped: no figure, a note saying why; some capped: figure with the capped ones marked."""
-    from tl_taskmap.report_html import _dims_html, _Figures
+    from tl_taskmap.report.html import _dims_html, _Figures
+    from tl_taskmap.report.layout import ReportLayout
 
     rng = np.random.default_rng(2)
     iso = rng.normal(size=(3, 10, 32))  # 10 examples, 32 dims: every layer needs n - 1 = 9 directions
     stats = compare_activations(iso, iso + 0.1 * rng.normal(size=iso.shape), names=("model", "control"), task="t")
     assert stats.dims_for_99("model", task="t").tolist() == [9, 9, 9]
-    figures = _Figures(tmp_path / "figs")
+    figures = _Figures(ReportLayout(tmp_path))
     html = _dims_html(figures, stats)
     assert "every task and layer sits at the cap" in html and "dims_99" not in figures.paths
     mixed = np.concatenate([iso[:1], np.repeat(rng.normal(size=(1, 10, 2)) @ rng.normal(size=(2, 32)), 2, 0)])

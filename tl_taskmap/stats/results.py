@@ -32,6 +32,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_taskmap.state_io import FORMAT_VERSIONS, check_format
+
 from . import similarity
 from .cka import StreamingLinearCKA
 from .sections import LayerSections, detect_sections
@@ -39,7 +41,7 @@ from .spectral import StreamingCovariance, dims_for_variance_from_eigenvalues
 
 __all__ = ["LayerStats", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = FORMAT_VERSIONS["layer_stats"]
 ESTIMATORS = ("biased", "debiased")
 Pair = Union[tuple[str, str], str]
 # (task, model_a, model_b, site kind, layer) and (task, model, site kind, layer)
@@ -379,9 +381,9 @@ class LayerStats:
 
         folder = Path(folder)
         doc = json.loads((folder / "layer_stats.json").read_text())
-        if doc.get("kind") != "LayerStats" or doc.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{folder} holds {doc.get('kind')!r} format version {doc.get('format_version')}; "
-                             f"this tl_taskmap reads LayerStats format version {FORMAT_VERSION}.")
+        if doc.get("kind") != "LayerStats":
+            raise ValueError(f"{folder} holds a {doc.get('kind')!r}, not a LayerStats.")
+        check_format("layer_stats", doc.get("format_version"), folder)
 
         def key(items: list) -> tuple:
             return (*items[:-1], int(items[-1]))

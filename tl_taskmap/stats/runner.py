@@ -28,6 +28,7 @@ from tl_taskmap.activations import Reduction, Site, check_finite
 from tl_taskmap.driver import Driver
 from tl_taskmap.probes import Probe, ProbeBatch
 from tl_taskmap.models import SITE_ALIASES, SITE_TEMPLATES, ModelAdapter, PaddingSide, as_adapter
+from tl_taskmap.sites import parse_site
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
 
 from .cka import StreamingLinearCKA
@@ -50,20 +51,13 @@ def _kind(name: str) -> str:
 
 
 def _parse_key(item: Any, default_kind: str) -> Union[Key, tuple[None, str]]:
-    """``"resid_post"`` → (None, kind) (all layers); ``(3, "mlp_post")``, ``3``, a Site or a hook name → (layer, kind)."""
-    if isinstance(item, Site):
-        return item.layer, _kind(item.kind)
-    if isinstance(item, (int, np.integer)):
-        return int(item), default_kind
-    if isinstance(item, tuple) and len(item) == 2:
-        return int(item[0]), _kind(item[1])
-    if isinstance(item, str) and item.startswith("blocks."):
-        parts = item.split(".", 2)
-        if len(parts) == 3 and parts[1].isdigit():
-            return int(parts[1]), _kind(parts[2])
-    if isinstance(item, str):
-        return None, _kind(item)
-    raise TypeError(f"cannot read a site from {item!r}; use 'resid_post', (layer, 'mlp_post') or 'blocks.3.hook_resid_post'.")
+    """``"resid_post"`` → (None, kind) (all layers); ``(3, "mlp_post")``, ``3``, a Site or a hook name → (layer, kind).
+
+    The form is read by the package's one site parser (:func:`tl_taskmap.sites.parse_site`); here the kind must be
+    one every model has.
+    """
+    layer, kind = parse_site(item, default_kind)
+    return layer, _kind(kind)
 
 
 def _aligned_layers(name: str, adapter: ModelAdapter, mapped: Optional[Sequence[int]]) -> list[int]:

@@ -4,22 +4,23 @@
 
 * ``report.html`` — self-contained (figures embedded as base64 PNG, inline CSS, no scripts, no
   network) — and the same figures as ``figures/*.png``; ``config.json``, the exact
-  :class:`~tl_taskmap.report_config.MapConfig` (``tl-taskmap map --config config.json`` repeats the run);
+  :class:`~tl_taskmap.report.config.MapConfig` (``tl-taskmap map --config config.json`` repeats the run);
 * results as data: ``baseline.csv`` (with the exact above-chance test), ``baseline_examples.json``
   (per-example scores, answer losses, option scores); ``relevance/<task>.safetensors`` and ``relevance_by_layer.csv``;
   ``neurons/<task>.json`` with ``jaccard*.csv``, ``overlap_sweep.csv``, ``parameter_similarity.csv``;
   ``layers/`` (:class:`~tl_taskmap.stats.results.LayerStats` as JSON + safetensors, ``layer_stats.csv``,
   ``controls.json``); ``ablation/matrix.json`` with ``cells.csv``, ``delta_table.csv``, ``specificity.csv``;
-  ``heads/`` (attention heads as units, :mod:`tl_taskmap.report_heads`; off with ``heads=False``);
+  ``heads/`` (attention heads as units, :mod:`tl_taskmap.report.heads`; off with ``heads=False``);
   ``selection/`` (the selection-method comparison: ``comparison.csv``, ``summary.csv``, ``comparison.json``
   with the verdict, ``matrix_<method>.json``);
+* every path above is spelled once, in :class:`~tl_taskmap.report.layout.ReportLayout`;
 * ``stages/<stage>.json``: what each stage depended on (a hash of those configuration fields,
   the task contents, the model's content and upstream stages), its files with their sha256 and how
   long it took; ``stages/current_config.json``: the configuration of the latest run, finished or not
   (``config.json`` is written with ``report.html``, at the end).
 
 A re-run with the same configuration reuses every stage whose record matches and whose files still
-have the sha256 in its record (see :mod:`tl_taskmap.report_stages`; a second run on the same folder is refused),
+have the sha256 in its record (see :mod:`tl_taskmap.report.stages`; a second run on the same folder is refused),
 and loads a model only if some stage has to run; changing ``k`` re-runs the neuron and ablation
 stages only. Selection and measurement use different examples: each task is split in half
 (seeded); relevance, neuron sets and control models use the *selection* half and every reported
@@ -65,13 +66,15 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from tl_taskmap import distributed
 from tl_taskmap.models import as_adapter
 from tl_taskmap.memory import release_memory
-from tl_taskmap.report_config import ConfigError, MapConfig, load_suite
+from tl_taskmap.report.config import ConfigError, MapConfig, load_suite
 from tl_taskmap.file_names import check_file_names, safe_name
-from tl_taskmap.report_stages import StageStore, maybe_lock, write_json_atomic
+from tl_taskmap.report.layout import ReportLayout
+from tl_taskmap.state_io import FORMAT_VERSIONS
+from tl_taskmap.report.stages import StageSpec, StageStore, check_stage_order, maybe_lock, write_ablation, write_json_atomic
 
 __all__ = ["MapConfig", "ConfigError", "ReportResult", "StageStore", "map_model", "safe_name"]
 
-from tl_taskmap.report_labels import CONTROL_LABEL, MODEL_LABEL, SECOND_LABEL  # noqa: E402  (re-exported)
+from tl_taskmap.report.labels import CONTROL_LABEL, MODEL_LABEL, SECOND_LABEL  # noqa: E402  (re-exported)
 
 
 def _fingerprint(suite: Any) -> str:
@@ -128,20 +131,28 @@ class _Run:
     def models(self) -> dict[str, Any]:
         return {MODEL_LABEL: self.model, **({SECOND_LABEL: self.second} if self.config.second_model else {})}
 
-    def path(self, *parts: str) -> Path:
-        """Where to write ``out/parts...``, creating its parent folder."""
-        path = self.write_root.joinpath(*parts)
+    @property
+    def layout(self) -> ReportLayout:
+        """Where to write: the layout of ``write_root`` (a stage's staging folder while it computes)."""
+        return ReportLayout(self.write_root)
+
+    @property
+    def results(self) -> ReportLayout:
+        """Where to read finished stages' results: the layout of ``out``."""
+        return ReportLayout(self.out)
+
+    def path(self, path: Path) -> Path:
+        """``path`` (from :attr:`layout`) with its parent folder created."""
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def folder(self, *parts: str) -> Path:
-        """Where to write the folder ``out/parts...``, created."""
-        path = self.write_root.joinpath(*parts)
+    def folder(self, path: Path) -> Path:
+        """The folder ``path`` (from :attr:`layout`), created."""
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     def rel(self, path: Path) -> str:
-        return str(path.relative_to(self.write_root))
+        return self.layout.rel(path)
 
     @contextlib.contextmanager
     def writing_into(self, folder: Path) -> Iterator[None]:
@@ -171,12 +182,12 @@ def _baseline(run: _Run) -> tuple[list[str], dict]:
             rows.append({"model": label, "cluster": task.cluster, **score.to_dict()})
             examples.append({"model": label, "task": task.name, "per_example": score.per_example, "losses": score.losses,
                              "option_scores": score.option_scores, "predictions": score.predictions})
-    path = run.path("baseline.csv")
+    path = run.path(run.layout.baseline)
     # Exact one-sided binomial test against chance per task, Holm-adjusted over each model's tasks.
     above_chance_table(pd.DataFrame(rows), by="model").to_csv(path, index=False)
-    per_example = run.path("baseline_examples.json")
+    per_example = run.path(run.layout.baseline_examples)
     tmp = per_example.with_name(f".{per_example.name}.tmp")
-    tmp.write_text(json.dumps({"format": "tl_taskmap.BaselineExamples", "format_version": 1, "scores": examples}))
+    tmp.write_text(json.dumps({"format": "tl_taskmap.BaselineExamples", "format_version": FORMAT_VERSIONS["baseline_examples"], "scores": examples}))
     tmp.replace(per_example)
     return [run.rel(path), run.rel(per_example)], {}
 
@@ -193,13 +204,13 @@ def _relevance(run: _Run) -> tuple[list[str], dict]:
         merged = distributed_relevance(run.model, run.selection, batch_size=run.config.batch_size, progress=run.progress)
     for task in run.bar(list(run.selection), "relevance"):
         rel = merged[task.name] if run.sharded else relevance(run.model, task, batch_size=run.config.batch_size)
-        path = run.path("relevance", f"{safe_name(task.name)}.safetensors")
+        path = run.path(run.layout.relevance(task.name))
         rel.save(path)
         files.append(run.rel(path))
         per_layer = rel.scores.sum(1)
         for layer, value in enumerate((per_layer / per_layer.sum()).tolist()):
             rows.append({"task": task.name, "cluster": task.cluster, "layer": layer, "relevance_share": value})
-    path = run.path("relevance_by_layer.csv")
+    path = run.path(run.layout.relevance_by_layer)
     pd.DataFrame(rows).to_csv(path, index=False)
     return files + [run.rel(path)], {}
 
@@ -208,14 +219,16 @@ def load_relevance(out: Path, names: Sequence[str]) -> dict[str, Any]:
     """Task → :class:`~tl_taskmap.neurons.attribution.RelevanceScores` saved by a run in ``out``."""
     from tl_taskmap.neurons.attribution import RelevanceScores
 
-    return {n: RelevanceScores.load(out / "relevance" / f"{safe_name(n)}.safetensors") for n in names}
+    layout = ReportLayout(out)
+    return {n: RelevanceScores.load(layout.relevance(n)) for n in names}
 
 
 def load_neuron_sets(out: Path, names: Sequence[str]) -> dict[str, Any]:
     """Task → :class:`~tl_taskmap.neurons.sets.NeuronSet` saved by a run in ``out``."""
     from tl_taskmap.neurons.sets import NeuronSet
 
-    return {n: NeuronSet.load(out / "neurons" / f"{safe_name(n)}.json") for n in names}
+    layout = ReportLayout(out)
+    return {n: NeuronSet.load(layout.neuron_set(n)) for n in names}
 
 
 def _neurons(run: _Run) -> tuple[list[str], dict]:
@@ -227,8 +240,9 @@ def _neurons(run: _Run) -> tuple[list[str], dict]:
     sets = {n: rels[n].top(run.config.k, per_layer=run.config.per_layer).with_name(n) for n in names}
     files = []
     for name, neurons in sets.items():
-        neurons.save(run.path("neurons", f"{safe_name(name)}.json"))
-        files.append(f"neurons/{safe_name(name)}.json")
+        path = run.path(run.layout.neuron_set(name))
+        neurons.save(path)
+        files.append(run.rel(path))
     tables = {"jaccard.csv": jaccard_matrix(sets)}
     if len(names) > 1:  # overlap and similarity compare task pairs; a one-task map has none (the report says so)
         tables.update({
@@ -237,11 +251,12 @@ def _neurons(run: _Run) -> tuple[list[str], dict]:
             "parameter_similarity.csv": parameter_similarity_matrix(run.model, sets),
         })
     for file_name, table in tables.items():
+        path = run.path(run.layout.neuron_table(file_name))
         if file_name == "jaccard.csv":
-            table.to_csv(run.path("neurons", file_name), index_label="task")
+            table.to_csv(path, index_label="task")
         else:
-            table.to_csv(run.path("neurons", file_name), index=False)
-        files.append(f"neurons/{file_name}")
+            table.to_csv(path, index=False)
+        files.append(run.rel(path))
     return files, {"n_neurons": {n: len(s) for n, s in sets.items()}}
 
 
@@ -278,7 +293,7 @@ def _controls(run: _Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         controls[name] = control
         record = {"task": name, "source": "trained", **result.to_dict()}
         if cfg.save_controls:
-            record["saved"] = run.rel(save_control_model(control, run.folder("controls", safe_name(name)),
+            record["saved"] = run.rel(save_control_model(control, run.folder(run.layout.control_model(name)),
                                                          base_model=run.model, task=name))
         records.append(record)
     return controls, records
@@ -303,12 +318,14 @@ def _layers(run: _Run) -> tuple[list[str], dict]:
         warnings.filterwarnings("ignore", message=r"biased CKA with n=\d+ examples .* is inflated")
         stats = compare(run.models(), run.evaluation, control_models=controls or None, sites=run.config.sites,
                         reduce=run.config.reduce, batch_size=run.config.batch_size, progress=run.progress)
-        _layer_table(stats).to_csv(run.path("layers", "layer_stats.csv"), index=False)
-    stats.save(run.folder("layers", "stats"))
-    run.path("layers", "controls.json").write_text(json.dumps(records, indent=1, default=str))
+        _layer_table(stats).to_csv(run.path(run.layout.layers.stats_csv), index=False)
+    layers = run.layout.layers
+    stats.save(run.folder(layers.stats))
+    run.path(layers.controls).write_text(json.dumps(records, indent=1, default=str))
     control_tasks = sorted(controls)
     layer_map = _layer_map(run, controls) if controls else {"files": []}  # releases each control once it is read
-    return (["layers/stats", "layers/layer_stats.csv", "layers/controls.json"] + [f"layers/{f}" for f in layer_map["files"]],
+    return ([run.rel(p) for p in (layers.stats, layers.stats_csv, layers.controls)]
+            + [run.rel(layers.folder / f) for f in layer_map["files"]],
             {"control_tasks": control_tasks, "layer_map_pair": layer_map.get("pair")})
 
 
@@ -350,7 +367,7 @@ def _layer_map(run: _Run, controls: dict[str, Any]) -> dict:
     sets = {task: _control_neurons(cfg, sets, task) for task in controls}
     kind = next((SITE_ALIASES.get(s, s) for s in cfg.sites if not s.startswith("blocks.")), "resid_post")
     _drop_stale_captures(run.model)
-    return build_layer_map(run.model, run.selection, run.evaluation, controls, folder=run.folder("layers"), release_controls=True,
+    return build_layer_map(run.model, run.selection, run.evaluation, controls, folder=run.folder(run.layout.layers.folder), release_controls=True,
                            second=run.second,
                            multitask=_multitask(run), null_controls=cfg.null_controls, neurons=sets,
                            control_settings=dict(steps=cfg.control_steps, lr=cfg.control_learning_rate, batch_size=cfg.batch_size,
@@ -371,22 +388,18 @@ def _layer_table(stats: Any) -> Any:
 
 def _ablation(run: _Run) -> tuple[list[str], dict]:
     from tl_taskmap.neurons.ablation import mean_activations
-    from tl_taskmap.neurons.ablation_effects import ablation_matrix, specificity
+    from tl_taskmap.neurons.ablation_effects import ablation_matrix
 
     cfg = run.config
     sets = load_neuron_sets(run.out, run.selection.names)
     means = mean_activations(run.model, run.selection) if cfg.ablation_mode == "mean" else None
     matrix = ablation_matrix(run.model, run.evaluation, sets, seeds=[cfg.seed + i for i in range(cfg.seeds)], mode=cfg.ablation_mode,
                              mean_activations=means, batch_size=cfg.batch_size, progress=run.progress)
-    matrix.save(run.path("ablation", "matrix.json"))
-    matrix.to_dataframe(per_seed=False).to_csv(run.path("ablation", "cells.csv"), index=False)
-    matrix.delta_table().to_csv(run.path("ablation", "delta_table.csv"))
-    specificity(matrix).to_csv(run.path("ablation", "specificity.csv"), index=False)
-    return [f"ablation/{f}" for f in ("matrix.json", "cells.csv", "delta_table.csv", "specificity.csv")], matrix.meta
+    return [run.rel(p) for p in write_ablation(matrix, run.layout.ablation)], matrix.meta
 
 
 def _heads(run: _Run) -> tuple[list[str], dict]:
-    from tl_taskmap.report_heads import heads_stage
+    from tl_taskmap.report.heads import heads_stage
 
     return heads_stage(run)
 def _selection(run: _Run) -> tuple[list[str], dict]:
@@ -400,13 +413,60 @@ def _selection(run: _Run) -> tuple[list[str], dict]:
         return [], {"skipped": "no selection methods given" if not cfg.selection else "comparing methods needs ≥ 2 tasks"}
     gradxact = {n: r.scores for n, r in load_relevance(run.out, names).items()}
     # the ablation stage ablated exactly the gradxact sets with the same seeds and mode: reuse it
-    reuse = {"gradxact": AblationMatrix.load(run.out / "ablation" / "matrix.json")}
+    reuse = {"gradxact": AblationMatrix.load(run.results.ablation.matrix)}
     means = mean_activations(run.model, run.selection) if cfg.ablation_mode == "mean" else None
     comparison = compare_selections(run.model, run.selection, run.evaluation, cfg.selection, k=cfg.k, per_layer=cfg.per_layer,
                                     seeds=[cfg.seed + i for i in range(cfg.seeds)], mode=cfg.ablation_mode, mean_activations=means,
                                     batch_size=cfg.batch_size, gradxact=gradxact, matrices=reuse, progress=run.progress)
-    files = comparison.save(run.folder("selection"))
+    files = comparison.save(run.folder(run.layout.selection))
     return [run.rel(f) for f in files], {"verdict": comparison.verdict}
+
+
+# ---------------------------------------------------------------------------------------- the stages
+@dataclass
+class _StageContext:
+    """What a stage's ``extra`` hash inputs may read: the run, its configuration, the finished stages' records."""
+
+    run: _Run
+    config: MapConfig
+    stages: dict[str, dict[str, Any]]
+
+    @functools.cached_property
+    def second_model(self) -> Optional[str]:
+        from tl_taskmap.embedded import model_fingerprint
+
+        return model_fingerprint(self.config.second_model) if self.config.second_model else None
+
+
+def _baseline_extra(ctx: _StageContext) -> dict[str, Any]:
+    return {"second_model": ctx.second_model}
+
+
+def _layers_extra(ctx: _StageContext) -> dict[str, Any]:
+    from tl_taskmap.embedded import model_fingerprint
+
+    cfg = ctx.config
+    return {"second_model": ctx.second_model, "control_models": {t: model_fingerprint(f) for t, f in cfg.control_models.items()},
+            "multitask_cached": cfg.multitask == "auto" and not cfg.second_model and _multitask_cached(cfg, ctx.run.selection),
+            "neurons": ctx.stages["neurons"]["hash"] if cfg.control_neurons == "task" else None}
+
+
+#: The pipeline, in the order it runs. ``tests``: the version of a stage's statistical tests (a change re-runs it).
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("baseline", _baseline, constants={"tests": 2}, extra=_baseline_extra),
+    StageSpec("relevance", _relevance),
+    StageSpec("neurons", _neurons, fields=("k", "per_layer"), after=("relevance",), model=False, tasks=False),
+    StageSpec("layers", _layers, after=("neurons",), extra=_layers_extra,
+              fields=("second_model", "sites", "reduce", "train_controls", "control_steps", "control_lr", "control_neurons",
+                      "control_models", "seed", "null_controls", "layer_map_boot", "multitask", "multitask_steps", "multitask_lr",
+                      "multitask_held_out")),
+    StageSpec("ablation", _ablation, fields=("seeds", "ablation_mode", "seed"), after=("neurons",), constants={"tests": 2}),
+    # attention heads as units: relevance, sets, overlap, ablation (tl_taskmap.report.heads)
+    StageSpec("heads", _heads, fields=("k", "per_layer", "seeds", "ablation_mode", "seed"), enabled=lambda config: config.heads),
+    StageSpec("selection", _selection, fields=("selection", "k", "per_layer", "seeds", "ablation_mode", "seed"),
+              after=("relevance", "ablation")),
+)
+check_stage_order(STAGES)
 
 
 # ---------------------------------------------------------------------------------------- result
@@ -436,13 +496,13 @@ class ReportResult:
         """Baseline scores (pandas DataFrame: model, task, metric, metric_value, loss, chance, ...)."""
         import pandas as pd
 
-        return pd.read_csv(self.out / "baseline.csv")
+        return pd.read_csv(ReportLayout(self.out).baseline)
 
     def layer_stats(self) -> Any:
         """The :class:`~tl_taskmap.stats.results.LayerStats` of the layer-map stage."""
         from tl_taskmap.stats.results import LayerStats
 
-        return LayerStats.load(self.out / "layers" / "stats")
+        return LayerStats.load(ReportLayout(self.out).layers.stats)
 
     def neuron_sets(self) -> dict[str, Any]:
         """Task → top-k% :class:`~tl_taskmap.neurons.sets.NeuronSet`."""
@@ -452,7 +512,7 @@ class ReportResult:
         """The :class:`~tl_taskmap.neurons.ablation_effects.AblationMatrix`."""
         from tl_taskmap.neurons.ablation_effects import AblationMatrix
 
-        return AblationMatrix.load(self.out / "ablation" / "matrix.json")
+        return AblationMatrix.load(ReportLayout(self.out).ablation.matrix)
 
     def _repr_html_(self) -> str:  # Jupyter: a compact table (and a small figure), see tl_taskmap.display
         from tl_taskmap.display import report_result_html
@@ -515,49 +575,34 @@ def _map_stages(run: _Run, config: MapConfig, force: bool, log: Callable[[str], 
     from tl_taskmap.embedded import model_fingerprint
 
     if distributed.is_main_process():  # the in-progress configuration; config.json is written with the report
-        write_json_atomic(run.out / "stages" / "current_config.json", config.to_dict())
+        write_json_atomic(run.results.current_config, config.to_dict())
     # The models' identity is their content (a model retrained in place at the same path is another model).
     model_id = {"model": model_fingerprint(config.model), "dtype": config.dtype}
-    second_id = model_fingerprint(config.second_model) if config.second_model else None
     tasks_id = {"selection": _fingerprint(run.selection), "evaluation": _fingerprint(run.evaluation)}
     store = StageStore(run.out, force, write_root=run.write_root, stage_into=run.writing_into)
     stages: dict[str, dict[str, Any]] = {}
-    inputs: dict[str, dict[str, Any]] = {
-        "baseline": {**model_id, "second_model": second_id, **tasks_id, "tests": 2},
-        "relevance": {**model_id, **tasks_id},
-    }
-    stages["baseline"] = store.run("baseline", inputs["baseline"], lambda: _baseline(run), log)
-    stages["relevance"] = store.run("relevance", inputs["relevance"], lambda: _relevance(run), log)
-    inputs["neurons"] = {"relevance": stages["relevance"]["hash"], **config.parts("k", "per_layer")}
-    stages["neurons"] = store.run("neurons", inputs["neurons"], lambda: _neurons(run), log)
-    inputs["layers"] = {**model_id, **tasks_id, **config.parts("second_model", "sites", "reduce", "train_controls", "control_steps",
-                                                              "control_lr", "control_neurons", "control_models", "seed",
-                                                              "null_controls", "layer_map_boot", "multitask", "multitask_steps",
-                                                              "multitask_lr", "multitask_held_out"),
-                        "second_model": second_id, "control_models": {t: model_fingerprint(f) for t, f in config.control_models.items()},
-                        "multitask_cached": config.multitask == "auto" and not config.second_model and _multitask_cached(config, run.selection),
-                        "neurons": stages["neurons"]["hash"] if config.control_neurons == "task" else None}
-    stages["layers"] = store.run("layers", inputs["layers"], lambda: _layers(run), log)
-    inputs["ablation"] = {"neurons": stages["neurons"]["hash"], **model_id, **tasks_id, **config.parts("seeds", "ablation_mode", "seed"), "tests": 2}
-    stages["ablation"] = store.run("ablation", inputs["ablation"], lambda: _ablation(run), log)
-    if config.heads:  # attention heads as units: relevance, sets, overlap, ablation (tl_taskmap.report_heads)
-        inputs["heads"] = {**model_id, **tasks_id, **config.parts("k", "per_layer", "seeds", "ablation_mode", "seed")}
-        stages["heads"] = store.run("heads", inputs["heads"], lambda: _heads(run), log)
-    inputs["selection"] = {"relevance": stages["relevance"]["hash"], "ablation": stages["ablation"]["hash"], **model_id, **tasks_id,
-                           **config.parts("selection", "k", "per_layer", "seeds", "ablation_mode", "seed")}
-    stages["selection"] = store.run("selection", inputs["selection"], lambda: _selection(run), log)
+    context = _StageContext(run, config, stages)
+    for spec in STAGES:
+        if spec.enabled(config):
+            inputs = spec.inputs(config, model=model_id, tasks=tasks_id, upstream=stages, context=context)
+            stages[spec.name] = store.run(spec.name, inputs, functools.partial(spec.compute, run), log)
 
-    from tl_taskmap.report_html import left_out, write_report
+    from tl_taskmap.report.html import ReportContent, write_report
+    from tl_taskmap.report.notes import left_out
     from tl_taskmap.task_spec import row_notes
 
     notes = row_notes(run.selection, run.evaluation, config.examples) + left_out(config, run.selection, stages["layers"].get("control_tasks", []))
     log("[report] writing figures and report.html")
-    html, figures = run.out / "report.html", {}
+    html, figures = run.results.html, {}
     computed = time.perf_counter() - start  # the page states this time; drawing the page comes after it
     if distributed.is_main_process():
-        html, figures = write_report(run.out, config, run.selection, run.evaluation, stages, notes,
-                                     seconds=computed, model_seconds=run.model_seconds)
-        write_json_atomic(run.out / "config.json", config.to_dict())  # describes report.html: written with it, at the end
+        content = ReportContent(
+            model_name=config.model or "SmolLM2-135M-Instruct (embedded)", selection=run.selection, evaluation=run.evaluation,
+            stages=stages, notes=notes, k=config.k, per_layer=config.per_layer, seeds=config.seeds, examples=config.examples,
+            has_second=bool(config.second_model), device=config.device, dtype=config.dtype, configuration=config.to_dict(),
+            seconds=computed, model_seconds=run.model_seconds)
+        html, figures = write_report(run.out, content)
+        write_json_atomic(run.results.config, config.to_dict())  # describes report.html: written with it, at the end
     distributed.barrier()
     if run.write_root != run.out:
         shutil.rmtree(run.write_root, ignore_errors=True)
