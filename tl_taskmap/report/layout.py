@@ -38,8 +38,25 @@ def _path(value: PathLike) -> Path:
     return Path(value).expanduser()
 
 
+def _at(*parts: str, doc: str = "") -> property:
+    """A property giving ``<root>/<parts...>`` (root: the object's ``folder``, or ``out`` for a ReportLayout)."""
+    def get(self: object) -> Path:
+        return Path(getattr(self, "folder", None) or getattr(self, "out")).joinpath(*parts)
+
+    return property(get, doc=doc or "/".join(parts))
+
+
+def _under(kind: type, *parts: str) -> property:
+    """A property giving ``kind(<root>/<parts...>)``: a sub-layout."""
+    return property(lambda self: kind(_at(*parts).fget(self)), doc=f"{kind.__name__} of {'/'.join(parts)}")
+
+
 @dataclass(frozen=True)
-class AblationLayout:
+class _Folder:
+    folder: Path
+
+
+class AblationLayout(_Folder):
     """An ablation matrix's folder: ``matrix.json``, ``cells.csv``, ``delta_table.csv``, ``specificity.csv``.
 
     Example:
@@ -47,23 +64,10 @@ class AblationLayout:
         'r/ablation/matrix.json'
     """
 
-    folder: Path
-
-    @property
-    def matrix(self) -> Path:
-        return self.folder / "matrix.json"
-
-    @property
-    def cells(self) -> Path:
-        return self.folder / "cells.csv"
-
-    @property
-    def delta_table(self) -> Path:
-        return self.folder / "delta_table.csv"
-
-    @property
-    def specificity(self) -> Path:
-        return self.folder / "specificity.csv"
+    matrix = _at("matrix.json")
+    cells = _at("cells.csv")
+    delta_table = _at("delta_table.csv")
+    specificity = _at("specificity.csv")
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -71,8 +75,7 @@ class AblationLayout:
         return tuple(self.folder / name for name in ABLATION_FILES)
 
 
-@dataclass(frozen=True)
-class LayersLayout:
+class LayersLayout(_Folder):
     """The layer-map folder (``layers/``): layer statistics, control records and the layer map's files.
 
     Example:
@@ -80,37 +83,18 @@ class LayersLayout:
         'r/layers/pair.csv'
     """
 
-    folder: Path
-
-    @property
-    def stats(self) -> Path:
-        """:class:`~tl_taskmap.stats.results.LayerStats` (a folder)."""
-        return self.folder / "stats"
-
-    @property
-    def stats_csv(self) -> Path:
-        return self.folder / "layer_stats.csv"
-
-    @property
-    def controls(self) -> Path:
-        """The control models' records (``controls.json``)."""
-        return self.folder / "controls.json"
-
-    @property
-    def null_controls(self) -> Path:
-        return self.folder / "null_controls.json"
-
-    @property
-    def layer_map(self) -> Path:
-        return self.folder / "layer_map.json"
+    stats = _at("stats", doc=":class:`~tl_taskmap.stats.results.LayerStats` (a folder)")
+    stats_csv = _at("layer_stats.csv")
+    controls = _at("controls.json", doc="The control models' records")
+    null_controls = _at("null_controls.json")
+    layer_map = _at("layer_map.json")
 
     def table(self, name: str) -> Path:
         """A layer-map table, e.g. ``table("task_vs_null")`` → ``layers/task_vs_null.csv``."""
         return self.folder / f"{name}.csv"
 
 
-@dataclass(frozen=True)
-class HeadsLayout:
+class HeadsLayout(_Folder):
     """The attention-head stage's folder (``heads/``).
 
     Example:
@@ -118,7 +102,7 @@ class HeadsLayout:
         'r/heads/sets/sentiment.json'
     """
 
-    folder: Path
+    ablation = _under(AblationLayout, "ablation")
 
     def relevance(self, task: str) -> Path:
         return self.folder / "relevance" / f"{safe_name(task)}.safetensors"
@@ -129,10 +113,6 @@ class HeadsLayout:
     def table(self, name: str) -> Path:
         """A table by file name, e.g. ``table("relevance_by_head.csv")``."""
         return self.folder / name
-
-    @property
-    def ablation(self) -> AblationLayout:
-        return AblationLayout(self.folder / "ablation")
 
 
 @dataclass(frozen=True)
@@ -146,6 +126,23 @@ class ReportLayout:
     """
 
     out: Path
+    # the page and its configuration
+    html = _at("report.html")
+    config = _at("config.json", doc="The configuration of the run that wrote ``report.html`` (written with it)")
+    figures = _at("figures")
+    # stage records
+    stages = _at("stages")
+    current_config = _at("stages", "current_config.json", doc="The configuration of the latest run, finished or not")
+    lock = _at("stages", ".lock")
+    # results
+    baseline = _at("baseline.csv")
+    baseline_examples = _at("baseline_examples.json")
+    relevance_by_layer = _at("relevance_by_layer.csv")
+    neurons = _at("neurons")
+    selection = _at("selection", doc="The selection-method comparison's folder")
+    layers = _under(LayersLayout, "layers")
+    ablation = _under(AblationLayout, "ablation")
+    heads = _under(HeadsLayout, "heads")
 
     def __init__(self, out: PathLike):
         object.__setattr__(self, "out", _path(out))
@@ -154,27 +151,8 @@ class ReportLayout:
         """``path`` relative to ``out``, with forward slashes (how stage records list files)."""
         return Path(path).relative_to(self.out).as_posix()
 
-    # the page and its configuration
-    @property
-    def html(self) -> Path:
-        return self.out / "report.html"
-
-    @property
-    def config(self) -> Path:
-        """The configuration of the run that wrote ``report.html`` (``config.json``, written with it)."""
-        return self.out / "config.json"
-
-    @property
-    def figures(self) -> Path:
-        return self.out / "figures"
-
     def figure(self, name: str) -> Path:
         return self.figures / f"{name}.png"
-
-    # stage records
-    @property
-    def stages(self) -> Path:
-        return self.out / "stages"
 
     def stage_record(self, name: str) -> Path:
         return self.stages / f"{name}.json"
@@ -183,34 +161,8 @@ class ReportLayout:
         """Where a stage computes before its files are moved into place."""
         return self.stages / ".staging" / name
 
-    @property
-    def current_config(self) -> Path:
-        """The configuration of the latest run, finished or not."""
-        return self.stages / "current_config.json"
-
-    @property
-    def lock(self) -> Path:
-        return self.stages / ".lock"
-
-    # results
-    @property
-    def baseline(self) -> Path:
-        return self.out / "baseline.csv"
-
-    @property
-    def baseline_examples(self) -> Path:
-        return self.out / "baseline_examples.json"
-
     def relevance(self, task: str) -> Path:
         return self.out / "relevance" / f"{safe_name(task)}.safetensors"
-
-    @property
-    def relevance_by_layer(self) -> Path:
-        return self.out / "relevance_by_layer.csv"
-
-    @property
-    def neurons(self) -> Path:
-        return self.out / "neurons"
 
     def neuron_set(self, task: str) -> Path:
         return self.neurons / f"{safe_name(task)}.json"
@@ -219,23 +171,6 @@ class ReportLayout:
         """A neuron-stage table by file name: ``jaccard.csv``, ``jaccard_per_layer.csv``, ``overlap_sweep.csv``, ..."""
         return self.neurons / name
 
-    @property
-    def layers(self) -> LayersLayout:
-        return LayersLayout(self.out / "layers")
-
     def control_model(self, task: str) -> Path:
         """A saved control model's folder (``controls/<task>``)."""
         return self.out / "controls" / safe_name(task)
-
-    @property
-    def ablation(self) -> AblationLayout:
-        return AblationLayout(self.out / "ablation")
-
-    @property
-    def heads(self) -> HeadsLayout:
-        return HeadsLayout(self.out / "heads")
-
-    @property
-    def selection(self) -> Path:
-        """The selection-method comparison's folder."""
-        return self.out / "selection"
