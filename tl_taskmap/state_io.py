@@ -41,6 +41,14 @@ FORMAT_VERSIONS: dict[str, int] = {
     "baseline_examples": 1,  # tl_taskmap.report: baseline_examples.json
     "model_manifest": 1,     # tl_taskmap.embedded: the embedded model's manifest
     "bigbench_manifest": 1,  # tl_taskmap.setup_assets: the extracted BIG-bench tasks' manifest
+    "accumulator": 1,        # tl_taskmap.stats.cka / spectral: streaming CKA and covariance states
+    "relevance": 1,          # tl_taskmap.neurons.attribution: RelevanceScores files and states
+    "unit_set": 1,           # tl_taskmap.neurons.units: NeuronSet / HeadSet files
+    "ablation_matrix": 2,    # tl_taskmap.neurons.ablation_effects (2: per-example losses and option scores; 1 still loads)
+    "selection_comparison": 1,  # tl_taskmap.neurons.selection_compare: comparison.json
+    "control_model": 1,      # tl_taskmap.neurons.masked_training: saved control models
+    "continual_learning": 1,  # tl_taskmap.neurons.ncft: ContinualResult files
+    "multitask_model": 1,    # tl_taskmap.neurons.multitask: the cached multi-task model
 }
 FORMAT_VERSION = FORMAT_VERSIONS["state"]
 _HEADER_KEY = "tl_taskmap.state"

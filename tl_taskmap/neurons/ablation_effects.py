@@ -47,9 +47,10 @@ from tl_taskmap.neurons.ablation_stats import (  # noqa: F401 - re-exported: the
 )
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
+from tl_taskmap.state_io import FORMAT_VERSIONS
 
 FORMAT = "tl_taskmap.AblationMatrix"
-FORMAT_VERSION = 2  # 2: per-example answer losses and option scores, chance per task; version 1 still loads
+FORMAT_VERSION = FORMAT_VERSIONS["ablation_matrix"]  # 2: per-example answer losses and option scores, chance per task; version 1 still loads
 READABLE_VERSIONS = (1, 2)
 COLUMNS = ["ablated_set", "kind", "seed", "evaluated_task", "metric", "baseline", "ablated", "delta", "loss_delta", "ci_low", "ci_high", "n_neurons",
            "p_value", "n_examples", "n_changed", "loss_ci_low", "loss_ci_high"]

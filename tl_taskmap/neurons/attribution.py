@@ -52,8 +52,9 @@ from tl_taskmap.models import ModelAdapter, PaddingSide, TokenBatch, as_adapter
 from tl_taskmap.probes import Probe, ProbeBatch, keyed_state, unkeyed_state
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
+from tl_taskmap.state_io import FORMAT_VERSIONS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = FORMAT_VERSIONS["relevance"]
 _META_KEY = "tl_taskmap.RelevanceScores"
 Aggregate = Literal["sum_abs", "abs_sum"]
 Positions = Literal["answer", "prompt", "all", "last_prompt"]

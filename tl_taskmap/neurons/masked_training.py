@@ -38,8 +38,9 @@ from tl_taskmap.models import as_adapter, parameter_fingerprint
 from tl_taskmap.neurons.low_rank import LowRank, low_rank_adapters, low_rank_targets
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task
+from tl_taskmap.state_io import FORMAT_VERSIONS
 
-CONTROL_FORMAT_VERSION = 1
+CONTROL_FORMAT_VERSION = FORMAT_VERSIONS["control_model"]
 #: What to train: a NeuronSet (its neurons), ``"all"``/None (every parameter) or :class:`LowRank` adapters.
 NeuronSpec = Union[NeuronSet, None, Literal["all"], LowRank]
 OptimizerSpec = Union[str, Callable[..., torch.optim.Optimizer]]

@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 
 from tl_taskmap.neurons.masked_training import _combined_fingerprint, finetune, copy_model, load_control_model, save_control_model
 from tl_taskmap.tasks import Example, Task
+from tl_taskmap.state_io import FORMAT_VERSIONS
 
 __all__ = ["MultitaskModel", "multitask_union", "multitask_fingerprint", "multitask_model", "MULTITASK_FORMAT_VERSION",
            "tasks_settings_key", "cached_multitask_keys", "multitask_settings"]
@@ -39,7 +40,7 @@ def multitask_settings(steps: int, lr: float, batch_size: int, seed: int, held_o
     """The training settings that, with the base weights and the tasks, name a cached multi-task model."""
     return {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "held_out": sorted(held_out)}
 
-MULTITASK_FORMAT_VERSION = 1
+MULTITASK_FORMAT_VERSION = FORMAT_VERSIONS["multitask_model"]
 
 
 def _tasks_of(suite: Any) -> list[Task]:

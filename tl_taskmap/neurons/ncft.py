@@ -53,8 +53,9 @@ from tl_taskmap.models import as_adapter
 from tl_taskmap.neurons.masked_training import finetune
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task
+from tl_taskmap.state_io import FORMAT_VERSIONS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = FORMAT_VERSIONS["continual_learning"]
 METHODS = ("ncft", "w-ncft", "seq-ft", "per-task-ft")
 Method = Literal["ncft", "w-ncft", "seq-ft", "per-task-ft"]
 Selector = Callable[[Any, Task], NeuronSet]

@@ -44,9 +44,10 @@ from tl_taskmap.neurons.ablation_effects import AblationMatrix, ablation_matrix,
 from tl_taskmap.neurons.selection import METHODS, ScoreFn, Selection, TasksLike, select_all
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import as_suite
+from tl_taskmap.state_io import FORMAT_VERSIONS
 
 FORMAT = "tl_taskmap.SelectionComparison"
-FORMAT_VERSION = 1
+FORMAT_VERSION = FORMAT_VERSIONS["selection_comparison"]
 TABLE_COLUMNS = ["method", "task", "metric", "baseline", "chance", "above_chance", "n_neurons", "own_drop", "random_drop", "other_drop",
                  "vs_random", "vs_random_low", "vs_random_high", "vs_other", "vs_other_low", "vs_other_high", "loss_vs_random",
                  "loss_vs_other", "jaccard_other", "jaccard_random", "loss_vs_random_low", "loss_vs_random_high", "loss_vs_other_low",

@@ -30,7 +30,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-FORMAT_VERSION = 1
+from tl_taskmap.state_io import FORMAT_VERSIONS
+
+FORMAT_VERSION = FORMAT_VERSIONS["unit_set"]
 
 S = TypeVar("S", bound="UnitSet")
 

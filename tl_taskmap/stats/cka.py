@@ -30,6 +30,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_taskmap.state_io import FORMAT_VERSIONS
+
 __all__ = [
     "gram_linear",
     "gram_rbf",
@@ -40,7 +42,7 @@ __all__ = [
     "linear_cka",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = FORMAT_VERSIONS["accumulator"]
 
 
 # --------------------------------------------------------------------------- dense references
