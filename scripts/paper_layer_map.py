@@ -22,7 +22,7 @@ import torch
 
 def main() -> None:
     from tl_taskmap.embedded import load_default_model
-    from tl_taskmap.layer_map_stage import build_layer_map, read_layer_map
+    from tl_taskmap.report.layer_map import build_layer_map, read_layer_map
     from tl_taskmap.neurons.masked_training import train_control_model
     from tl_taskmap.neurons.multitask import multitask_model
     from tl_taskmap.report_config import MapConfig, load_suite

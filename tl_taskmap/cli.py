@@ -180,7 +180,7 @@ def list_tasks(sizes: bool = True, as_json: bool = False) -> int:
 
 
 def _add_layer_map_options(m: argparse.ArgumentParser) -> None:
-    """Null controls and the multi-task base-vs-tuned pair of the layer map (:mod:`tl_taskmap.layer_map_stage`)."""
+    """Null controls and the multi-task base-vs-tuned pair of the layer map (:mod:`tl_taskmap.report.layer_map`)."""
     from tl_taskmap.report.config import MULTITASK_MODES
 
     g = m.add_argument_group("layer map: null controls and the multi-task pair")

@@ -80,7 +80,7 @@ def test_multitask_cache_reuse_and_invalidation(tmp_path, suites, base):
 def test_paper_pair_end_to_end_on_a_multitask_model(tmp_path, suites, base):
     """Multi-task model trained on both tasks (it must learn them), controls + null controls, the pair, the null
     pair, the section rule with its thresholds, and the held-out (unseen) task marked."""
-    from tl_taskmap.layer_map_stage import build_layer_map, read_layer_map
+    from tl_taskmap.report.layer_map import build_layer_map, read_layer_map
     from tl_taskmap.neurons.masked_training import train_control_model
     from tl_taskmap.neurons.multitask import multitask_model
 

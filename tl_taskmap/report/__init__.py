@@ -6,7 +6,7 @@ The parts, one idea each:
 * :mod:`~tl_taskmap.report.config` — :class:`MapConfig`, its validation and the task halves;
 * :mod:`~tl_taskmap.report.stages` — the stages declared as data and their records (reuse, integrity, the lock);
 * :mod:`~tl_taskmap.report.layout` — :class:`~tl_taskmap.report.layout.ReportLayout`, every path of the folder;
-* :mod:`~tl_taskmap.report.heads`, :mod:`~tl_taskmap.layer_map_stage` — the attention-head and layer-map stages;
+* :mod:`~tl_taskmap.report.heads`, :mod:`~tl_taskmap.report.layer_map` — the attention-head and layer-map stages;
 * :mod:`~tl_taskmap.report.html` — the HTML writer (results in, ``report.html`` out; never the configuration);
 * :mod:`~tl_taskmap.report.notes`, :mod:`~tl_taskmap.report.labels` — what the page leaves out, the models' labels.
 

@@ -657,7 +657,7 @@ def write_report(out: Path, content: ReportContent) -> tuple[Path, dict[str, Pat
     c, stages, selection = content, content.stages, content.selection
     spec["above_chance"] = pd.array([pd.NA if pd.isna(a) else bool(a) for a in spec["above_chance"]], dtype="boolean")
     tasks_html = _tasks_section(fig, baseline, selection, c.evaluation)
-    from tl_taskmap.layer_map_stage import read_layer_map
+    from tl_taskmap.report.layer_map import read_layer_map
 
     layers_html, sections = _layers_section(fig, stats, c.has_second, controls, read_layer_map(layout.layers.folder))
     neurons_html = _neurons_section(fig, layout, c.k, c.per_layer)

@@ -28,7 +28,7 @@ __all__ = ["ReportLayout", "AblationLayout", "LayersLayout", "HeadsLayout", "ABL
 
 #: The files of an ablation matrix folder (``ablation/`` and ``heads/ablation/``), in the order the stages list them.
 ABLATION_FILES = ("matrix.json", "cells.csv", "delta_table.csv", "specificity.csv")
-#: The layer map's tables (``layers/<name>.csv``) that :func:`~tl_taskmap.layer_map_stage.read_layer_map` loads.
+#: The layer map's tables (``layers/<name>.csv``) that :func:`~tl_taskmap.report.layer_map.read_layer_map` loads.
 LAYER_MAP_TABLES = ("task_vs_null", "pair", "null_pair", "pair_vs_null", "multitask_scores")
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -358,8 +358,8 @@ def _multitask_cached(cfg: MapConfig, selection: Any) -> bool:
 
 
 def _layer_map(run: _Run, controls: dict[str, Any]) -> dict:
-    """Null controls, task-vs-null differences and the base-vs-tuned pair (:mod:`tl_taskmap.layer_map_stage`)."""
-    from tl_taskmap.layer_map_stage import build_layer_map
+    """Null controls, task-vs-null differences and the base-vs-tuned pair (:mod:`tl_taskmap.report.layer_map`)."""
+    from tl_taskmap.report.layer_map import build_layer_map
     from tl_taskmap.models import SITE_ALIASES
 
     cfg = run.config
