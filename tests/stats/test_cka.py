@@ -275,3 +275,50 @@ def test_statistics_follow_the_input_device():
     for debiased in (False, True):
         assert_rel(acc.cka(debiased=debiased), feature_space_linear_cka(x16, y16, debiased=debiased))
     assert StreamingLinearCKA.from_state_dict(acc.state_dict(), device="cpu").cka() == pytest.approx(acc.cka())
+
+
+# ---------------------------------------------------------------------------- deferred statistics
+class _EagerCKA(StreamingLinearCKA):
+    _defer_rows = 0  # build the d×d statistics from the first batch on (the behaviour before deferral)
+
+
+def _batches(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * 3 + 5
+    return list(x.split(7)), list((x @ torch.randn(d, d, generator=g) + torch.randn(n, d, generator=g)).split(7))
+
+
+@pytest.mark.parametrize("n", [20, 40, 90])  # all deferred; crossing the threshold (d_x + d_y = 32) mid-way; mostly streamed
+def test_deferred_cka_is_bit_identical_to_eager_and_holds_no_matrices_while_deferred(n):
+    xs, ys = _batches(n, 16, n)
+    lazy, eager = StreamingLinearCKA(16, 16), _EagerCKA(16, 16)
+    for x, y in zip(xs, ys):
+        lazy.add(x, y)
+        eager.add(x, y)
+    assert lazy.n == eager.n == n
+    assert (lazy._stats_ is None) == (n <= 32)  # no d×d matrix exists while the rows are the smaller state
+    for debiased in (False, True):
+        assert lazy.cka(debiased=debiased) == eager.cka(debiased=debiased)
+    for key, value in eager.state_dict().items():
+        assert torch.equal(lazy.state_dict()[key], value), key
+    other_lazy, other_eager = StreamingLinearCKA(16, 16), _EagerCKA(16, 16)
+    other_lazy.add(xs[0] * 2, ys[0])
+    other_eager.add(xs[0] * 2, ys[0])
+    assert lazy.merge(other_lazy).cka() == eager.merge(other_eager).cka()
+
+
+def test_deferred_covariance_is_bit_identical_to_eager():
+    from tl_taskmap.stats.spectral import StreamingCovariance
+
+    class Eager(StreamingCovariance):
+        _defer_rows = 0
+
+    xs, _ = _batches(14, 16, 3)  # 14 rows of width 16: the rows are the smaller state
+    lazy, eager = StreamingCovariance(16), Eager(16)
+    for x in xs:
+        lazy.add(x)
+        eager.add(x)
+    assert lazy._stats_ is None and lazy.n == 14
+    assert torch.equal(lazy.eigenvalues(), eager.eigenvalues())
+    assert torch.equal(lazy.mean, eager.mean)
+    assert repr(lazy) == "StreamingCovariance(d=16, n=14, device=cpu)"

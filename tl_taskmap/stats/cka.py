@@ -198,23 +198,85 @@ def load_state(path: str | os.PathLike, kind: str) -> dict[str, Tensor]:
 class SafetensorsState:
     """What the streaming accumulators share: device following, ``state_dict`` / ``from_state_dict``, ``save`` / ``load``.
 
-    A subclass keeps its float64 statistics in ``_stats``, its example count in ``_n``, names further
-    int counters to save in ``_counters`` and builds an empty accumulator of a state's shape in
-    :meth:`_empty_like_state`.
+    A subclass keeps its float64 statistics in ``_stats`` (built by ``_zeros()``), its example count in
+    ``_n``, names further int counters to save in ``_counters``, builds an empty accumulator of a state's
+    shape in :meth:`_empty_like_state`, and does its arithmetic in ``_accumulate(*rows)``.
+
+    **Deferred statistics.** The statistics are d×d matrices (CKA: three per pair of layers); for the
+    few examples of a task (n = 80 on the default map, d = 576) the rows themselves are several times
+    smaller. So ``add`` keeps its validated float64 rows as they are until they would outgrow the
+    matrices (``_defer_rows`` rows), and the matrices are built on first need (any read of ``_stats``
+    or ``_n``) by replaying the kept batches through ``_accumulate`` in order: the same operations on
+    the same batches as without deferral, so the results are bit-identical.
     """
 
-    _stats: dict[str, Tensor]
-    _n: int
     _follow_input_device: bool
     device: torch.device
     #: Int attributes saved with the statistics besides ``n``.
     _counters: tuple[str, ...] = ()
+    #: Rows kept unreduced before the statistics are built (0: never defer).
+    _defer_rows: int = 0
+
+    def _init_state(self) -> None:
+        self._stats_: Optional[dict[str, Tensor]] = None  # built by _zeros() on first need
+        self._n_ = 0
+        self._pending: list[tuple[Tensor, ...]] = []
+        self._pending_rows = 0
+
+    def _zeros(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _accumulate(self, *rows: Tensor) -> None:
+        raise NotImplementedError
+
+    def _replay(self) -> None:
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        for rows in pending:
+            self._accumulate(*rows)
+
+    @property
+    def _stats(self) -> dict[str, Tensor]:
+        if self._pending:
+            self._replay()
+        if self._stats_ is None:
+            self._stats_ = self._zeros()
+        return self._stats_
+
+    @_stats.setter
+    def _stats(self, value: dict[str, Tensor]) -> None:
+        self._stats_ = value
+
+    @property
+    def _n(self) -> int:
+        if self._pending:
+            self._replay()
+        return self._n_
+
+    @_n.setter
+    def _n(self, value: int) -> None:
+        self._n_ = value
+
+    @property
+    def n(self) -> int:
+        """Number of examples accumulated (after dropping non-finite rows)."""
+        return self._n_ + self._pending_rows
+
+    def _add_rows(self, *rows: Tensor) -> None:
+        """Accumulate validated float64 rows now, or keep them for later while that is the smaller state."""
+        count = rows[0].shape[0]
+        if self._stats_ is None and self._n_ == 0 and self._pending_rows + count <= self._defer_rows:
+            self._pending.append(rows)
+            self._pending_rows += count
+        else:
+            self._stats  # noqa: B018 - replays what is pending, in order, before this batch
+            self._accumulate(*rows)
 
     def _follow_device(self, x: Any) -> None:
         """Before the first example: move the statistics to the device of ``x`` (when built with ``device=None``)."""
-        if self._follow_input_device and self._n == 0 and isinstance(x, Tensor) and x.device != self.device:
+        if self._follow_input_device and self.n == 0 and isinstance(x, Tensor) and x.device != self.device:
             self.device = x.device
-            self._stats = {k: v.to(self.device) for k, v in self._stats.items()}
+            if self._stats_ is not None:
+                self._stats_ = {k: v.to(self.device) for k, v in self._stats_.items()}
 
     def _take_if_empty(self, other: Any) -> Optional[dict[str, Tensor]]:
         """``other``'s statistics on this device, or None once taken over whole because this one is empty."""
@@ -335,6 +397,10 @@ class StreamingLinearCKA(SafetensorsState):
 
     _counters = ("n_dropped",)
 
+    @property
+    def _defer_rows(self) -> int:  # rows of x and y cost (d_x + d_y) per example, the statistics ~ d_x² + d_x·d_y + d_y²
+        return self.d_x + self.d_y
+
     def __init__(self, d_x: int, d_y: int, device: str | torch.device | None = None):
         if int(d_x) < 1 or int(d_y) < 1:
             raise ValueError(f"d_x and d_y must be positive feature widths, got d_x={d_x}, d_y={d_y}.")
@@ -343,9 +409,8 @@ class StreamingLinearCKA(SafetensorsState):
         self._follow_input_device = device is None
         self.device = torch.device("cpu" if device is None else device)
         self.n_dropped = 0
-        self._n = 0
         self._warned = set()
-        self._stats = self._zeros()
+        self._init_state()
 
     def _zeros(self) -> dict[str, Tensor]:
         kw = dict(dtype=torch.float64, device=self.device)
@@ -355,11 +420,6 @@ class StreamingLinearCKA(SafetensorsState):
         shapes = {"utu": (self.d_x, self.d_x), "vtv": (self.d_y, self.d_y), "utv": (self.d_x, self.d_y)}
         stats.update({k: torch.zeros(shape, **kw) for k, shape in shapes.items()})
         return stats
-
-    @property
-    def n(self) -> int:
-        """Number of examples accumulated (after dropping non-finite rows)."""
-        return self._n
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -385,6 +445,10 @@ class StreamingLinearCKA(SafetensorsState):
             x, y = x[keep], y[keep]
         if x.shape[0] == 0:
             return self
+        self._add_rows(x, y)
+        return self
+
+    def _accumulate(self, x: Tensor, y: Tensor) -> None:
         s = self._stats
         if self._n == 0:
             s["shift_x"], s["shift_y"] = x.mean(0), y.mean(0)
@@ -405,7 +469,6 @@ class StreamingLinearCKA(SafetensorsState):
         s["sum_av"] += a @ v
         s["sum_bv"] += b @ v
         self._n += x.shape[0]
-        return self
 
     def merge(self, other: "StreamingLinearCKA") -> "StreamingLinearCKA":
         """Add another accumulator's examples to this one, exactly (in place; returns ``self``)."""
@@ -485,7 +548,7 @@ class StreamingLinearCKA(SafetensorsState):
         return cls(state["utv"].shape[0], state["utv"].shape[1], device=device)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(d_x={self.d_x}, d_y={self.d_y}, n={self._n}, "
+        return (f"{type(self).__name__}(d_x={self.d_x}, d_y={self.d_y}, n={self.n}, "
                 f"n_dropped={self.n_dropped}, device={self.device})")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -185,12 +185,14 @@ class _TaskAccumulator:
         t = self.task
         out["tasks"][t] = {"cluster": self.cluster, "n_examples": self.n, "n_dropped": self.n_dropped,
                            "models": sorted({name for name, _ in self.sums}), "sample_index": self.sampled}
-        for (a, b, (layer, kind)), acc in self.cka.items():
+        # Each accumulator is dropped once summarised: building its d×d statistics (deferred until now, see
+        # SafetensorsState) then costs one accumulator's worth of memory at a time.
+        for (a, b, (layer, kind)), acc in _drain(self.cka):
             where = f"task {t!r}, {a} vs {b}, layer {layer} {kind}"
             out["cka"][(t, a, b, kind, layer)] = summarise_cka(acc, estimators, where)
             if keep_accumulators:
                 out["accumulators"][("cka", t, a, b, kind, layer)] = StreamingLinearCKA.from_state_dict(acc.state_dict(), "cpu")
-        for (name, (layer, kind)), cov in self.cov.items():
+        for (name, (layer, kind)), cov in _drain(self.cov):
             where = f"task {t!r}, {name}, layer {layer} {kind}"
             out["spectra"][(t, name, kind, layer)], out["eigenvalues"][(t, name, kind, layer)] = summarise_spectrum(cov, where)
             if keep_accumulators:
@@ -200,6 +202,12 @@ class _TaskAccumulator:
             out["layers"].setdefault(kind, set()).add(layer)
         for (name, (layer, kind)), parts in self.samples.items():
             out["samples"][(t, name, kind, layer)] = torch.cat(parts)
+
+
+def _drain(accumulators: dict) -> Iterator[tuple[Any, Any]]:
+    """``accumulators.items()`` in order, removing each item from the dict as it is handed out."""
+    for key in list(accumulators):
+        yield key, accumulators.pop(key)
 
 
 def _sample_index(n: int, bound: int, seed: int) -> np.ndarray:

@@ -98,17 +98,17 @@ class StreamingCovariance(SafetensorsState):
         # device=None: statistics follow the device of the first batch added.
         self._follow_input_device = device is None
         self.device = torch.device("cpu" if device is None else device)
-        self._n = 0
+        self._init_state()
+
+    @property
+    def _defer_rows(self) -> int:  # rows cost d per example, the statistics d²
+        return self.d
+
+    def _zeros(self) -> dict[str, Tensor]:
         kw = dict(dtype=torch.float64, device=self.device)
         # Rows are stored shifted by the first batch's mean (u = x − shift) so that a large common
         # offset does not cancel catastrophically when the covariance is formed.
-        self._stats = {"shift": torch.zeros(self.d, **kw), "sum_u": torch.zeros(self.d, **kw),
-                       "utu": torch.zeros(self.d, self.d, **kw)}
-
-    @property
-    def n(self) -> int:
-        """Number of examples accumulated."""
-        return self._n
+        return {"shift": torch.zeros(self.d, **kw), "sum_u": torch.zeros(self.d, **kw), "utu": torch.zeros(self.d, self.d, **kw)}
 
     def add(self, x: Float[Tensor, "n d"]) -> "StreamingCovariance":
         """Accumulate one batch of examples. Rows with NaN/inf raise ``ValueError``."""
@@ -123,6 +123,10 @@ class StreamingCovariance(SafetensorsState):
             )
         if x.shape[0] == 0:
             return self
+        self._add_rows(x)
+        return self
+
+    def _accumulate(self, x: Tensor) -> None:
         s = self._stats
         if self._n == 0:
             s["shift"] = x.mean(0)
@@ -130,7 +134,6 @@ class StreamingCovariance(SafetensorsState):
         s["sum_u"] += u.sum(0)
         s["utu"] += u.T @ u
         self._n += x.shape[0]
-        return self
 
     def merge(self, other: "StreamingCovariance") -> "StreamingCovariance":
         """Add another accumulator's examples to this one, exactly (in place; returns ``self``)."""
@@ -151,7 +154,7 @@ class StreamingCovariance(SafetensorsState):
 
     def _need(self, k: int) -> None:
         if self._n < k:
-            raise ValueError(f"need at least {k} examples, got n={self._n}; add more examples.")
+            raise ValueError(f"need at least {k} examples, got n={self.n}; add more examples.")
 
     @property
     def mean(self) -> Float[Tensor, " d"]:
@@ -191,4 +194,4 @@ class StreamingCovariance(SafetensorsState):
         return cls(state["utu"].shape[0], device=device)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(d={self.d}, n={self._n}, device={self.device})"
+        return f"{type(self).__name__}(d={self.d}, n={self.n}, device={self.device})"
