@@ -203,6 +203,7 @@ def compare_selections(
     mode: str = "zero",
     mean_activations: Optional[Any] = None,
     batch_size: int = 8,
+    gradient_batch_size: Optional[int] = None,
     gradxact: Optional[Mapping[str, Any]] = None,
     matrices: Optional[Mapping[str, AblationMatrix]] = None,
     n_boot: int = 1000,
@@ -217,6 +218,8 @@ def compare_selections(
         methods: Names from :data:`~tl_taskmap.neurons.selection.METHODS` and/or callables ``score_fn(model, suite)``.
         k, per_layer: Top-k rule. seeds: random sets per row (count or list). mode: ablation mode
             (``mean_activations`` for ``"mean"``, as :func:`~tl_taskmap.neurons.ablation_effects.ablation_matrix`).
+        batch_size: Rows per forward pass. gradient_batch_size: Rows per forward + backward pass of the
+            selection scores (default ``batch_size``; smaller keeps less memory).
         gradxact: Precomputed gradxact scores per task, reused. matrices: precomputed ablation matrices per
             method name (must match the sets, seeds and mode), reused.
         n_boot, alpha: Bootstrap of the specificity intervals.
@@ -231,7 +234,8 @@ def compare_selections(
     if len(selection) < 2:
         raise ValueError("comparing selection methods needs ≥ 2 tasks (own vs other sets)")
     seed_list = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
-    selections = select_all(model, selection, methods, k=k, per_layer=per_layer, batch_size=batch_size, gradxact=gradxact)
+    selections = select_all(model, selection, methods, k=k, per_layer=per_layer, batch_size=gradient_batch_size or batch_size,
+                            gradxact=gradxact)
     chance = {t.name: t.chance for t in evaluation}
     done = dict(matrices or {})
     rows, out_matrices = [], {}

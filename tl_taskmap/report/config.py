@@ -25,6 +25,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 REDUCTIONS = ("last", "mean")
 ABLATION_MODES = ("zero", "mean", "params")
 CONTROL_NEURONS = ("lora", "full", "task")
+#: Rows per forward + backward pass in the gradient stages (relevance, head relevance, selection scores): a
+#: backward pass keeps every layer's activations, so these stages take at most this many rows at a time
+#: whatever ``batch_size`` says (peak memory; the sums over examples agree up to float rounding).
+GRADIENT_BATCH = 8
 #: The learning rate of a trained control model when ``control_lr`` is not given, per ``control_neurons``.
 CONTROL_LR = {"lora": 2e-3, "full": 1e-4, "task": 1e-4}
 #: Selection methods of :mod:`tl_taskmap.neurons.selection` compared in the report (its ``METHODS``).
@@ -132,6 +136,11 @@ class MapConfig:
     multitask_cache: Optional[str] = None
 
     # ------------------------------------------------------------------ validation
+    @property
+    def gradient_batch_size(self) -> int:
+        """``batch_size``, at most :data:`GRADIENT_BATCH`: the rows of one backward pass in the gradient stages."""
+        return min(self.batch_size, GRADIENT_BATCH)
+
     @property
     def control_learning_rate(self) -> float:
         """``control_lr``, or the default of the ``control_neurons`` setting (:data:`CONTROL_LR`)."""

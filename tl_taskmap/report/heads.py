@@ -52,7 +52,7 @@ def heads_stage(run: Any) -> tuple[list[str], dict[str, Any]]:
     files: list[str] = []
     layer_rows, head_rows, sets = [], [], {}
     for task in run.bar(list(run.selection), "head relevance"):
-        rel = head_relevance(run.model, task, batch_size=cfg.batch_size)
+        rel = head_relevance(run.model, task, batch_size=cfg.gradient_batch_size)
         path = run.path(heads.relevance(task.name))
         rel.save(path)
         files.append(run.rel(path))

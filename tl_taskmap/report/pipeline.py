@@ -201,9 +201,9 @@ def _relevance(run: _Run) -> tuple[list[str], dict]:
     if run.sharded:  # each rank takes a share of every task's examples; the sums are merged exactly
         from tl_taskmap.distributed import distributed_relevance
 
-        merged = distributed_relevance(run.model, run.selection, batch_size=run.config.batch_size, progress=run.progress)
+        merged = distributed_relevance(run.model, run.selection, batch_size=run.config.gradient_batch_size, progress=run.progress)
     for task in run.bar(list(run.selection), "relevance"):
-        rel = merged[task.name] if run.sharded else relevance(run.model, task, batch_size=run.config.batch_size)
+        rel = merged[task.name] if run.sharded else relevance(run.model, task, batch_size=run.config.gradient_batch_size)
         path = run.path(run.layout.relevance(task.name))
         rel.save(path)
         files.append(run.rel(path))
@@ -417,7 +417,8 @@ def _selection(run: _Run) -> tuple[list[str], dict]:
     means = mean_activations(run.model, run.selection) if cfg.ablation_mode == "mean" else None
     comparison = compare_selections(run.model, run.selection, run.evaluation, cfg.selection, k=cfg.k, per_layer=cfg.per_layer,
                                     seeds=[cfg.seed + i for i in range(cfg.seeds)], mode=cfg.ablation_mode, mean_activations=means,
-                                    batch_size=cfg.batch_size, gradxact=gradxact, matrices=reuse, progress=run.progress)
+                                    batch_size=cfg.batch_size, gradient_batch_size=cfg.gradient_batch_size, gradxact=gradxact, matrices=reuse,
+                                    progress=run.progress)
     files = comparison.save(run.folder(run.layout.selection))
     return [run.rel(f) for f in files], {"verdict": comparison.verdict}
 
