@@ -132,3 +132,18 @@ def test_copy_model_shares_what_it_is_told(bridge_llama):
 def test_bad_low_rank_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LowRank(**kwargs)
+
+
+@pytest.mark.parametrize("neurons", ["set", None])
+def test_shared_weight_control_of_a_neuron_set_or_all_parameters_equals_an_independent_copy(bridge_llama, tiny_tasks, neurons):
+    from tl_taskmap.neurons.sets import NeuronSet
+
+    spec = NeuronSet(3, 48, {0: [1, 5], 2: [7]}) if neurons == "set" else None
+    settings = dict(neurons=spec, steps=3, lr=1e-2, batch_size=3, seed=1, progress=False)
+    with assert_model_unchanged(bridge_llama):
+        light = train_control_model(bridge_llama, tiny_tasks["qa"], share_weights=True, **settings)
+        full = train_control_model(bridge_llama, tiny_tasks["qa"], share_weights=False, **settings)
+    assert parameter_fingerprint(light) == parameter_fingerprint(full)
+    own = set(trained_parameter_names(bridge_llama, spec))
+    base = dict(bridge_llama.named_parameters())
+    assert all((p.data_ptr() == base[n].data_ptr()) == (n not in own) for n, p in light.named_parameters())
