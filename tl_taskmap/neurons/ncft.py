@@ -50,6 +50,7 @@ from torch import Tensor
 
 from tl_taskmap.evaluate import TaskScore, evaluate_task
 from tl_taskmap.models import as_adapter
+from tl_taskmap.neurons.masked_training import copy_model as _copy_model  # the parameter copy_model shadows the name
 from tl_taskmap.neurons.masked_training import finetune
 from tl_taskmap.neurons.sets import NeuronSet
 from tl_taskmap.tasks import Task
@@ -386,7 +387,7 @@ def continual_learning(
     n = len(train)
     select = select_neurons or _default_selector(k, per_layer)
     base = as_adapter(model).model
-    work = copy.deepcopy(base) if copy_model and method != "per-task-ft" else base
+    work = _copy_model(base) if copy_model and method != "per-task-ft" else base
     score = lambda m, t: evaluate_task(m, t, batch_size=eval_batch_size)  # noqa: E731
     nan = [[math.nan] * n for _ in range(n)]
     result = ContinualResult(method, [t.name for t in train], [str(t.metric) for t in held_out], copy.deepcopy(nan), copy.deepcopy(nan))
@@ -418,7 +419,7 @@ def continual_learning(
         elif method == "seq-ft":
             fit = finetune(work, task, "all", seed=seed + j, **kw)
         else:  # per-task-ft: a fresh copy, scored on its own task only; later stages keep that score
-            own = copy.deepcopy(base)
+            own = _copy_model(base)
             fit = finetune(own, task, "all", seed=seed + j, **kw)
             s = score(own, held_out[j])
             del own

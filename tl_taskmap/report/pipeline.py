@@ -64,7 +64,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from tl_taskmap import distributed
-from tl_taskmap.models import as_adapter
 from tl_taskmap.memory import release_memory
 from tl_taskmap.report.config import ConfigError, MapConfig, load_suite
 from tl_taskmap.file_names import check_file_names, safe_name
@@ -260,20 +259,6 @@ def _neurons(run: _Run) -> tuple[list[str], dict]:
     return files, {"n_neurons": {n: len(s) for n, s in sets.items()}}
 
 
-def _drop_stale_captures(model: Any) -> None:
-    """Work around a TransformerLens 4.3 deep-copy hazard before copying the model again.
-
-    A deep-copied TransformerBridge keeps the original's ``ln1`` pre-hook closures, which write the
-    pre-LN residual onto the *original* model's attention bridges. Training a copy therefore leaves a
-    tensor with an autograd graph on the original, and the next ``copy.deepcopy`` of it fails ("Only
-    Tensors created explicitly by the user ... support the deepcopy protocol"). The bridge clears this
-    transient value itself after every block's forward; clearing it here is the same operation.
-    """
-    for module in as_adapter(model).model.modules():
-        if getattr(module, "_captured_pre_ln_residual", None) is not None:
-            module._captured_pre_ln_residual = None
-
-
 def _controls(run: _Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from tl_taskmap.neurons.masked_training import load_control_model, save_control_model, train_control_model
 
@@ -284,7 +269,6 @@ def _controls(run: _Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     to_train = [t for t in run.selection.names if t not in controls][: cfg.train_controls]
     sets = load_neuron_sets(run.out, to_train) if cfg.control_neurons == "task" else {}
     for name in run.bar(to_train, "control models"):
-        _drop_stale_captures(run.model)
         control, result = train_control_model(run.model, run.selection[name], neurons=_control_neurons(cfg, sets, name),
                                               share_weights=True, steps=cfg.control_steps, lr=cfg.control_learning_rate,
                                               batch_size=cfg.batch_size, seed=cfg.seed, progress=run.progress, return_result=True)
@@ -366,7 +350,6 @@ def _layer_map(run: _Run, controls: dict[str, Any]) -> dict:
     sets = load_neuron_sets(run.out, list(controls)) if cfg.control_neurons == "task" else {}
     sets = {task: _control_neurons(cfg, sets, task) for task in controls}
     kind = next((SITE_ALIASES.get(s, s) for s in cfg.sites if not s.startswith("blocks.")), "resid_post")
-    _drop_stale_captures(run.model)
     return build_layer_map(run.model, run.selection, run.evaluation, controls, folder=run.folder(run.layout.layers.folder), release_controls=True,
                            second=run.second,
                            multitask=_multitask(run), null_controls=cfg.null_controls, neurons=sets,
