@@ -1,7 +1,8 @@
 """Multiple-choice option scores from one pass over each prompt.
 
 Scoring option ``k`` of a prompt needs ``log p(option_k | prompt)``. Running ``prompt + option`` once
-per option repeats the prompt K times. Here the prompts run once (keeping their key/value cache);
+per option repeats the prompt K times. Here the prompts run once (keeping their key/value cache, and
+running a token prefix they all share once: :mod:`tl_taskmap.prompt_cache`);
 the first token of every option is read from the logits at the prompt's last token, and only options
 of two or more tokens continue from the cached prompt, feeding their tokens but the last. The
 result equals the per-option full forward (same tokens, same positions, same attention) up to
@@ -28,6 +29,28 @@ from torch import Tensor
 
 from tl_taskmap.kv_cache import forward_with_cache
 from tl_taskmap.models import ModelAdapter, PaddingSide
+from tl_taskmap.prompt_cache import run_prompts
+
+
+def continuation_token_ids(adapter: ModelAdapter, prompt_lengths: Sequence[int], options: Sequence[Sequence[str]]) -> list[list[list[int]]]:
+    """Each option's token ids (per example, per option), checked: no empty option, none past the model's context.
+
+    Example:
+        >>> continuation_token_ids(adapter, [5], [[" yes", " no"]])   # doctest: +SKIP
+        [[[3763], [645]]]
+    """
+    tok = adapter.tokenizer
+    option_ids = [[list(tok.encode(o, add_special_tokens=False)) for o in opts] for opts in options]
+    for i, ids in enumerate(option_ids):
+        for k, row in enumerate(ids):
+            if not row:
+                raise ValueError(f"option {k} of example {i} ({options[i][k]!r}) has no tokens: every option needs at least one")
+            if adapter.n_ctx is not None and prompt_lengths[i] + len(row) > adapter.n_ctx:
+                raise ValueError(
+                    f"prompt {i} with option {k} is {prompt_lengths[i] + len(row)} tokens long, longer than the model's context "
+                    f"of {adapter.n_ctx} tokens; shorten it or truncate the task's prompts"
+                )
+    return option_ids
 
 
 def option_logprob_sums(
@@ -59,30 +82,20 @@ def option_logprob_sums(
     """
     if len(prompts) != len(options):
         raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists: give one list of options per prompt")
-    tok = adapter.tokenizer
-    option_ids = [[list(tok.encode(o, add_special_tokens=False)) for o in opts] for opts in options]
-    prompt_batch = adapter.tokenize(prompts, padding_side=padding_side, prepend_bos=prepend_bos)
-    prompt_lengths = prompt_batch.attention_mask.sum(1).tolist()
-    for i, ids in enumerate(option_ids):
-        for k, row in enumerate(ids):
-            if not row:
-                raise ValueError(f"option {k} of example {i} ({options[i][k]!r}) has no tokens: every option needs at least one")
-            if adapter.n_ctx is not None and prompt_lengths[i] + len(row) > adapter.n_ctx:
-                raise ValueError(
-                    f"prompt {i} with option {k} is {prompt_lengths[i] + len(row)} tokens long, longer than the model's context "
-                    f"of {adapter.n_ctx} tokens; shorten it or truncate the task's prompts"
-                )
+    if padding_side == "left":  # every prompt ends in the last column: unembed that column only; a shared prefix runs once
+        passed = run_prompts(adapter, prompts, prepend_bos=prepend_bos)
+        last, cache, prompt_lengths = passed.last_logits, passed.cache, passed.lengths
+    else:
+        prompt_batch = adapter.tokenize(prompts, padding_side=padding_side, prepend_bos=prepend_bos)
+        prompt_lengths = prompt_batch.attention_mask.sum(1).tolist()
+        logits, cache = forward_with_cache(adapter, prompt_batch.tokens, prompt_batch.attention_mask)
+        last = logits[torch.arange(len(prompts), device=logits.device), prompt_batch.last_index.to(logits.device)]
+        del logits
+    option_ids = continuation_token_ids(adapter, prompt_lengths, options)
     example_of_row = [i for i, ids in enumerate(option_ids) for _ in ids]
     rows = [row for ids in option_ids for row in ids]
     device = adapter.device
 
-    if padding_side == "left":  # every prompt ends in the last column: unembed that column only
-        logits, cache = forward_with_cache(adapter, prompt_batch.tokens, prompt_batch.attention_mask, last_only=True)
-        last = logits[:, -1]
-    else:
-        logits, cache = forward_with_cache(adapter, prompt_batch.tokens, prompt_batch.attention_mask)
-        last = logits[torch.arange(len(prompts), device=logits.device), prompt_batch.last_index.to(logits.device)]
-    del logits
     first_logprobs = F.log_softmax(last.float(), dim=-1)
     row_example = torch.tensor(example_of_row, device=first_logprobs.device)
     first_token = torch.tensor([r[0] for r in rows], device=first_logprobs.device)

@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_taskmap.choice_scoring import option_logprob_sums
-from tl_taskmap.generation import greedy_token_ids
+from tl_taskmap.generation import greedy_token_ids, target_logprobs_and_greedy
 from tl_taskmap.kv_cache import KVCacheUnsupported
 from tl_taskmap.models import ModelAdapter, PaddingSide, TokenBatch, as_adapter
 from tl_taskmap.tasks import Task, TaskSuite, as_suite
@@ -265,21 +265,22 @@ def _evaluate_choice(
 def _evaluate_generation(
     adapter: ModelAdapter, task: Task, batch_size: int, max_new_tokens: Optional[int], prepend_bos: Optional[bool], progress: bool, *, use_cache: bool
 ) -> TaskScore:
-    losses: list[float] = []
-    if use_cache:
-        for start in range(0, len(task), batch_size):
-            chunk = task.examples[start : start + batch_size]
-            logprob_sums, n_tokens = option_logprob_sums(adapter, [e.prompt for e in chunk], [[e.target] for e in chunk], prepend_bos=prepend_bos)
-            losses.extend((-logprob_sums / n_tokens).tolist())
-    else:
-        for batch in answer_batches(adapter, task, batch_size, prepend_bos=prepend_bos):
-            losses.extend(answer_nll(adapter.forward(batch), batch).cpu().tolist())
     if max_new_tokens is None:
         max_new_tokens = max(len(adapter.tokenizer.encode(t, add_special_tokens=False)) for t in task.targets) + 2
+    losses: list[float] = []
     generations: list[str] = []
     for start in tqdm(range(0, len(task), batch_size), disable=not progress, desc=f"generate {task.name}", leave=False):
         chunk = task.examples[start : start + batch_size]
-        generations.extend(greedy_generate(adapter, [e.prompt for e in chunk], max_new_tokens, prepend_bos=prepend_bos, use_cache=use_cache))
+        prompts = [e.prompt for e in chunk]
+        if use_cache:  # one pass per prompt serves the loss and the greedy output
+            logprob_sums, n_tokens, ids = target_logprobs_and_greedy(adapter, prompts, [e.target for e in chunk], max_new_tokens,
+                                                                     prepend_bos=prepend_bos)
+            losses.extend((-logprob_sums / n_tokens).tolist())
+            generations.extend(adapter.tokenizer.decode(row) for row in ids)
+        else:
+            batch = adapter.tokenize(prompts, [e.target for e in chunk], prepend_bos=prepend_bos)
+            losses.extend(answer_nll(adapter.forward(batch), batch).cpu().tolist())
+            generations.extend(greedy_generate(adapter, prompts, max_new_tokens, prepend_bos=prepend_bos, use_cache=False))
     scorer = exact_match if task.metric == "exact_match" else rouge_l
     per_example = [scorer(g, e.target) for g, e in zip(generations, task.examples)]
     return TaskScore(task.name, str(task.metric), sum(per_example) / len(per_example), sum(losses) / len(losses), len(task), None, per_example,

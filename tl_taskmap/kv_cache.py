@@ -84,6 +84,18 @@ class PrefixCache:
         self.state.batch_select_indices(rows.to(self.attention_mask.device))
         return PrefixCache(self.state, mask, self.backend)
 
+    def with_attention_mask(self, attention_mask: Int[Tensor, "batch prefix"]) -> "PrefixCache":
+        """The same keys and values under another mask of the same shape (0 hides a cached token from later ones).
+
+        Positions of later tokens are counted over the tokens the mask keeps, so hiding the tail of a row
+        rewinds it: continuing then equals continuing the shorter prefix. This cache must not be used afterwards.
+        """
+        if attention_mask.shape != self.attention_mask.shape:
+            raise ValueError(f"the new mask has shape {tuple(attention_mask.shape)}, the cache {tuple(self.attention_mask.shape)}")
+        if self.backend == "hooked":
+            self.state.previous_attention_mask = attention_mask.to(self.state.previous_attention_mask)
+        return PrefixCache(self.state, attention_mask, self.backend)
+
 
 def forward_with_cache(
     adapter: ModelAdapter,

@@ -245,11 +245,12 @@ def ablation_matrix(
     mean_activations: Optional[Float[Tensor, "n_layers d_mlp"]] = None,
     batch_size: int = 8,
     progress: bool = True,
+    baselines: Optional[Mapping[str, TaskScore]] = None,
     **eval_kwargs: Any,
 ) -> AblationMatrix:
     """Ablate each set (and matched random sets) and score every task: the task × task ablation matrix.
 
-    Cost: ``T`` baseline passes plus one pass per (distinct non-empty set, task), i.e. at most
+    Cost: ``T`` baseline passes (none when ``baselines`` are given) plus one pass per (distinct non-empty set, task), i.e. at most
     ``(S + S·seeds) × T`` ablated passes for ``S`` sets and ``T`` tasks. Random sets are
     ``neuron_sets[name].random_like(seed)`` (the same per-layer counts; they may overlap the task's set,
     as in the paper). Every set is validated against the model before anything runs.
@@ -264,6 +265,8 @@ def ablation_matrix(
         mode: ``"zero"``, ``"mean"`` or ``"params"`` (see :func:`~tl_taskmap.neurons.ablation.ablate`).
         mean_activations: Needed for ``mode="mean"``.
         batch_size: Rows per forward pass. progress: show a progress bar.
+        baselines: Task name → the unablated model's :class:`~tl_taskmap.evaluate.TaskScore` on that task,
+            evaluated with the same settings (e.g. a report's baseline stage); the baseline passes are then skipped.
         **eval_kwargs: Passed to :func:`~tl_taskmap.evaluate.evaluate_task` (``scoring``, ``max_new_tokens``, ...).
 
     Example:
@@ -290,17 +293,20 @@ def ablation_matrix(
         check_head_means(adapter, mean_activations)
     elif mode == "mean":
         _check_means(adapter, mean_activations)
+    given = _check_baselines(baselines, suite)
     seed_list = _seed_list(seeds)
     rows: list[tuple[str, str, Optional[int], NeuronSet]] = [(str(n), "task", None, s) for n, s in neuron_sets.items()]
     for name, neurons in neuron_sets.items():
         rows += [(str(name), "random", seed, r) for seed, r in zip(seed_list, matched_random_sets(neurons, seed_list))]
     distinct = list(dict.fromkeys(s for *_, s in rows if len(s)))  # NeuronSet equality ignores names
-    bar = tqdm(total=len(suite) * (1 + len(distinct)), disable=not progress, desc="ablation matrix", leave=False)
+    n_evaluations = len(suite) * (len(distinct) + (given is None))
+    bar = tqdm(total=n_evaluations, disable=not progress, desc="ablation matrix", leave=False)
     kwargs = dict(batch_size=batch_size, **eval_kwargs)
-    baselines: dict[str, TaskScore] = {}
-    for task in suite:
-        baselines[task.name] = evaluate_task(adapter, task, **kwargs)
-        bar.update()
+    baselines = dict(given or {})
+    if given is None:
+        for task in suite:
+            baselines[task.name] = evaluate_task(adapter, task, **kwargs)
+            bar.update()
     scores: dict[NeuronSet, dict[str, TaskScore]] = {}
     for neurons in distinct:
         with ablate(adapter, neurons, mode, mean_activations=mean_activations):
@@ -322,8 +328,23 @@ def ablation_matrix(
         seeds=seed_list,
         baselines={n: {"metric_value": s.metric_value, "loss": s.loss, **_per_example_fields(s), "chance": s.chance, "n": s.n}
                    for n, s in baselines.items()},
-        records=records, meta={"n_evaluations": len(suite) * (1 + len(distinct)), "batch_size": batch_size, "unit": units.pop()},
+        records=records, meta={"n_evaluations": n_evaluations, "baselines_given": given is not None, "batch_size": batch_size, "unit": units.pop()},
     )
+
+
+def _check_baselines(baselines: Optional[Mapping[str, TaskScore]], suite: TaskSuite) -> Optional[dict[str, TaskScore]]:
+    """Given baselines, checked to be scores of exactly these tasks (names, metrics, example counts)."""
+    if baselines is None:
+        return None
+    missing = [t.name for t in suite if t.name not in baselines]
+    if missing:
+        raise ValueError(f"baselines has no score for tasks {missing}; give one TaskScore per evaluated task (or baselines=None)")
+    for task in suite:
+        score = baselines[task.name]
+        if not isinstance(score, TaskScore) or score.metric != str(task.metric) or score.n != len(task) or len(score.per_example) != len(task):
+            raise ValueError(f"baselines[{task.name!r}] is not a score of this task ({len(task)} examples, metric {task.metric}): "
+                             f"got {score!r}; evaluate the unablated model on the same task, or pass baselines=None")
+    return {t.name: baselines[t.name] for t in suite}
 
 
 def _per_example_fields(score: TaskScore) -> dict[str, Any]:

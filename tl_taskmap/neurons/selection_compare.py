@@ -40,6 +40,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from tl_taskmap.evaluate import evaluate_task
 from tl_taskmap.neurons.ablation_effects import AblationMatrix, ablation_matrix, specificity
 from tl_taskmap.neurons.selection import METHODS, ScoreFn, Selection, TasksLike, select_all
 from tl_taskmap.neurons.sets import NeuronSet
@@ -206,6 +207,7 @@ def compare_selections(
     gradient_batch_size: Optional[int] = None,
     gradxact: Optional[Mapping[str, Any]] = None,
     matrices: Optional[Mapping[str, AblationMatrix]] = None,
+    baselines: Optional[Mapping[str, Any]] = None,
     n_boot: int = 1000,
     alpha: float = 0.05,
     progress: bool = False,
@@ -221,7 +223,8 @@ def compare_selections(
         batch_size: Rows per forward pass. gradient_batch_size: Rows per forward + backward pass of the
             selection scores (default ``batch_size``; smaller keeps less memory).
         gradxact: Precomputed gradxact scores per task, reused. matrices: precomputed ablation matrices per
-            method name (must match the sets, seeds and mode), reused.
+            method name (must match the sets, seeds and mode), reused. baselines: the unablated model's
+            TaskScore per evaluation task, shared by every method's matrix (default: evaluated once here).
         n_boot, alpha: Bootstrap of the specificity intervals.
 
     Example:
@@ -242,8 +245,11 @@ def compare_selections(
     for method, sel in selections.items():
         matrix = done.get(method)
         if matrix is None:
+            if baselines is None:  # every method's matrix has the same unablated baselines: evaluate them once
+                baselines = {t.name: evaluate_task(model, t, batch_size=batch_size) for t in evaluation}
             matrix = ablation_matrix(model, evaluation, sel.sets, seeds=seed_list, mode=mode,  # type: ignore[arg-type]
-                                     mean_activations=mean_activations, batch_size=batch_size, progress=progress)
+                                     mean_activations=mean_activations, batch_size=batch_size, progress=progress,
+                                     baselines=baselines)
         out_matrices[method] = matrix
         spec = specificity(matrix, alpha=alpha).set_index("task")
         jac, jac_random = mean_pairwise_jaccard(sel.sets), random_pairwise_jaccard(sel.sets, seed_list or [0])

@@ -30,7 +30,7 @@ def heads_stage(run: Any) -> tuple[list[str], dict[str, Any]]:
     """Compute and write the heads stage for a report run; returns ``(files relative to out, record extras)``.
 
     ``run`` is the report's run object (``model``, ``selection``, ``evaluation``, ``config``, ``layout``, ``path``,
-    ``rel``, ``bar``, ``progress``); files go where ``run.layout.heads`` says.
+    ``rel``, ``bar``, ``progress``, ``baseline_scores()``); files go where ``run.layout.heads`` says.
     """
     import pandas as pd
 
@@ -79,7 +79,8 @@ def heads_stage(run: Any) -> tuple[list[str], dict[str, Any]]:
         files.append(run.rel(path))
     means = head_mean_activations(run.model, run.selection) if cfg.ablation_mode == "mean" else None
     matrix = ablation_matrix(run.model, run.evaluation, sets, seeds=[cfg.seed + i for i in range(cfg.seeds)], mode=cfg.ablation_mode,
-                             mean_activations=means, batch_size=cfg.batch_size, progress=run.progress)
+                             mean_activations=means, batch_size=cfg.batch_size, progress=run.progress,
+                             baselines=run.baseline_scores())
     files += [run.rel(p) for p in write_ablation(matrix, heads.ablation)]
     return files, {"n_heads": {n: len(s) for n, s in sets.items()}, "layout": {"n_heads": layout.n_heads, "d_head": layout.d_head,
                                                                               "n_key_value_heads": layout.n_key_value_heads},

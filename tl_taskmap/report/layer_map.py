@@ -71,7 +71,7 @@ def _sections(frame: pd.DataFrame, tasks: list[str]) -> Optional[dict]:
 
 def build_layer_map(
     model: Any, selection: Any, evaluation: Any, controls: Mapping[str, Any], *, folder: Path, release_controls: bool = False,
-    second: Any = None, multitask: Any = None, null_controls: bool = True, neurons: Optional[Mapping[str, Any]] = None,
+    second: Any = None, captured: Optional[Mapping[tuple[str, str], np.ndarray]] = None, multitask: Any = None, null_controls: bool = True, neurons: Optional[Mapping[str, Any]] = None,
     control_settings: Optional[dict] = None, n_boot: int = 1000, seed: int = 0, site: str = "resid_post",
     reduce: str = "last", batch_size: int = 8, log: Callable[[str], None] = lambda m: None,
     bar: Callable[[Any, str], Any] = lambda items, desc: items,
@@ -84,6 +84,8 @@ def build_layer_map(
             on ``evaluation``.
         controls: Task → its control model C_t (fine-tuned from ``model``).
         second: A user-given base model (takes precedence over ``multitask``).
+        captured: ``{("model" | "control", task): [layer, n, d]}`` vectors already captured with the same site,
+            reduction and batches (e.g. during :func:`~tl_taskmap.stats.runner.compare_models`); not captured again.
         multitask: A :class:`~tl_taskmap.neurons.multitask.MultitaskModel` (the tuned model of the pair).
         null_controls: Train a null control per control (without them only the pair is computed).
         release_controls: Delete each control from ``controls`` (a dict the caller gives up) once its layers are read, so
@@ -112,10 +114,12 @@ def build_layer_map(
     # but its adapted tensors with the model: see train_control_model's share_weights).
     acts: dict[str, dict[str, np.ndarray]] = {"model": {}, "control": {}, "null": {}, "tuned": {}, "base": {}}
     names = list(controls)
+    captured = dict(captured or {})
     for name in bar(names, "layer-map capture"):
         task = evaluation[name]
-        acts["model"][name] = _layers_of(model, task, site, reduce, batch_size)
-        acts["control"][name] = _layers_of(controls[name], task, site, reduce, batch_size)
+        for role, which in (("model", model), ("control", controls[name])):
+            given = captured.get((role, name))
+            acts[role][name] = given if given is not None else _layers_of(which, task, site, reduce, batch_size)
         if release_controls:
             del controls[name]
             release_memory()

@@ -162,6 +162,10 @@ class _Run:
         finally:
             self.write_root = saved
 
+    def baseline_scores(self) -> dict[str, Any]:
+        """The finished baseline stage's scores of the model per evaluation task (:func:`load_baseline_scores`)."""
+        return load_baseline_scores(self.out, self.evaluation)
+
     def bar(self, items: Sequence[Any], desc: str) -> Any:
         from tqdm.auto import tqdm
 
@@ -212,6 +216,29 @@ def _relevance(run: _Run) -> tuple[list[str], dict]:
     path = run.path(run.layout.relevance_by_layer)
     pd.DataFrame(rows).to_csv(path, index=False)
     return files + [run.rel(path)], {}
+
+
+def load_baseline_scores(out: Path, tasks: Any) -> dict[str, Any]:
+    """The baseline stage's scores of the model (not a second model) per evaluation task, as TaskScores.
+
+    The ablation matrices start from these instead of evaluating the unablated model again: the same
+    model, tasks and settings give the same numbers (the per-example values round-trip JSON exactly).
+    """
+    from tl_taskmap.evaluate import TaskScore
+    from tl_taskmap.state_io import check_format
+
+    path = ReportLayout(out).baseline_examples
+    payload = json.loads(path.read_text())
+    check_format("baseline_examples", payload.get("format_version"), path)
+    saved = {s["task"]: s for s in payload["scores"] if s["model"] == MODEL_LABEL}
+    scores = {}
+    for task in tasks:
+        s = saved[task.name]
+        per_example, losses = [float(x) for x in s["per_example"]], [float(x) for x in s["losses"]]
+        scores[task.name] = TaskScore(task.name, str(task.metric), sum(per_example) / len(per_example), sum(losses) / len(losses),
+                                      len(per_example), task.chance, per_example, list(s["predictions"]), losses,
+                                      [list(map(float, o)) for o in s["option_scores"]])
+    return scores
 
 
 def load_relevance(out: Path, names: Sequence[str]) -> dict[str, Any]:
@@ -292,25 +319,37 @@ def _control_neurons(cfg: MapConfig, sets: dict[str, Any], task: str) -> Any:
 
 def _layers(run: _Run) -> tuple[list[str], dict]:
     from tl_taskmap.distributed import distributed_compare_models
+    from tl_taskmap.probes import ActivationProbe
     from tl_taskmap.stats.runner import compare_models
 
     controls, records = _controls(run)
     # Sharded: each rank takes a share of every task's examples, and the statistics are merged exactly.
     compare = distributed_compare_models if run.sharded else compare_models
+    # The layer map reads the model's and each control's per-example vectors on the controlled tasks: kept
+    # from the same forward passes as the statistics (one process only; sharded runs capture them again).
+    kept = ActivationProbe(_layer_map_site(run.config), reduce=run.config.reduce) if controls and not run.sharded else None
     with warnings.catch_warnings():
         # The report shows biased and debiased CKA side by side and explains the small-n bias in the page.
         warnings.filterwarnings("ignore", message=r"biased CKA with n=\d+ examples .* is inflated")
         stats = compare(run.models(), run.evaluation, control_models=controls or None, sites=run.config.sites,
-                        reduce=run.config.reduce, batch_size=run.config.batch_size, progress=run.progress)
+                        reduce=run.config.reduce, batch_size=run.config.batch_size, progress=run.progress,
+                        **({"probes": [kept]} if kept is not None else {}))
         _layer_table(stats).to_csv(run.path(run.layout.layers.stats_csv), index=False)
     layers = run.layout.layers
     stats.save(run.folder(layers.stats))
     run.path(layers.controls).write_text(json.dumps(records, indent=1, default=str))
     control_tasks = sorted(controls)
-    layer_map = _layer_map(run, controls) if controls else {"files": []}  # releases each control once it is read
+    layer_map = _layer_map(run, controls, kept) if controls else {"files": []}  # releases each control once it is read
     return ([run.rel(p) for p in (layers.stats, layers.stats_csv, layers.controls)]
             + [run.rel(layers.folder / f) for f in layer_map["files"]],
             {"control_tasks": control_tasks, "layer_map_pair": layer_map.get("pair")})
+
+
+def _layer_map_site(cfg: MapConfig) -> str:
+    """The site kind of the layer map: the first configured kind (``resid_post`` when only hook names are given)."""
+    from tl_taskmap.models import SITE_ALIASES
+
+    return next((SITE_ALIASES.get(s, s) for s in cfg.sites if not s.startswith("blocks.")), "resid_post")
 
 
 def _multitask(run: _Run) -> Any:
@@ -341,17 +380,25 @@ def _multitask_cached(cfg: MapConfig, selection: Any) -> bool:
     return bool(cached_multitask_keys(_multitask_cache(cfg), list(selection), settings))
 
 
-def _layer_map(run: _Run, controls: dict[str, Any]) -> dict:
-    """Null controls, task-vs-null differences and the base-vs-tuned pair (:mod:`tl_taskmap.report.layer_map`)."""
+def _layer_map(run: _Run, controls: dict[str, Any], kept: Any = None) -> dict:
+    """Null controls, task-vs-null differences and the base-vs-tuned pair (:mod:`tl_taskmap.report.layer_map`).
+
+    ``kept``: the layer stage's :class:`~tl_taskmap.probes.ActivationProbe`, whose vectors of the model and the
+    controls are reused instead of captured again.
+    """
     from tl_taskmap.report.layer_map import build_layer_map
-    from tl_taskmap.models import SITE_ALIASES
 
     cfg = run.config
     sets = load_neuron_sets(run.out, list(controls)) if cfg.control_neurons == "task" else {}
     sets = {task: _control_neurons(cfg, sets, task) for task in controls}
-    kind = next((SITE_ALIASES.get(s, s) for s in cfg.sites if not s.startswith("blocks.")), "resid_post")
+    kind = _layer_map_site(cfg)
+    captured = {}
+    if kept is not None:
+        for task in controls:
+            captured[("model", task)] = kept.result(task=task, model=MODEL_LABEL).stack(kind).double().numpy()
+            captured[("control", task)] = kept.result(task=task, model=CONTROL_LABEL).stack(kind).double().numpy()
     return build_layer_map(run.model, run.selection, run.evaluation, controls, folder=run.folder(run.layout.layers.folder), release_controls=True,
-                           second=run.second,
+                           second=run.second, captured=captured,
                            multitask=_multitask(run), null_controls=cfg.null_controls, neurons=sets,
                            control_settings=dict(steps=cfg.control_steps, lr=cfg.control_learning_rate, batch_size=cfg.batch_size,
                                                  seed=cfg.seed, progress=False, share_weights=True),
@@ -377,7 +424,8 @@ def _ablation(run: _Run) -> tuple[list[str], dict]:
     sets = load_neuron_sets(run.out, run.selection.names)
     means = mean_activations(run.model, run.selection) if cfg.ablation_mode == "mean" else None
     matrix = ablation_matrix(run.model, run.evaluation, sets, seeds=[cfg.seed + i for i in range(cfg.seeds)], mode=cfg.ablation_mode,
-                             mean_activations=means, batch_size=cfg.batch_size, progress=run.progress)
+                             mean_activations=means, batch_size=cfg.batch_size, progress=run.progress,
+                             baselines=run.baseline_scores())
     return [run.rel(p) for p in write_ablation(matrix, run.layout.ablation)], matrix.meta
 
 
@@ -401,7 +449,7 @@ def _selection(run: _Run) -> tuple[list[str], dict]:
     comparison = compare_selections(run.model, run.selection, run.evaluation, cfg.selection, k=cfg.k, per_layer=cfg.per_layer,
                                     seeds=[cfg.seed + i for i in range(cfg.seeds)], mode=cfg.ablation_mode, mean_activations=means,
                                     batch_size=cfg.batch_size, gradient_batch_size=cfg.gradient_batch_size, gradxact=gradxact, matrices=reuse,
-                                    progress=run.progress)
+                                    baselines=run.baseline_scores(), progress=run.progress)
     files = comparison.save(run.folder(run.layout.selection))
     return [run.rel(f) for f in files], {"verdict": comparison.verdict}
 
@@ -444,6 +492,9 @@ STAGES: tuple[StageSpec, ...] = (
               fields=("second_model", "sites", "reduce", "train_controls", "control_steps", "control_lr", "control_neurons",
                       "control_models", "seed", "null_controls", "layer_map_boot", "multitask", "multitask_steps", "multitask_lr",
                       "multitask_held_out")),
+    # The ablation, heads and selection stages start from the baseline stage's scores of the model; they do not list
+    # it in ``after`` because its hash inputs (model, tasks, and the second model, which these stages never score)
+    # are already theirs, so its scores cannot differ between two runs that reuse them.
     StageSpec("ablation", _ablation, fields=("seeds", "ablation_mode", "seed"), after=("neurons",), constants={"tests": 2}),
     # attention heads as units: relevance, sets, overlap, ablation (tl_taskmap.report.heads)
     StageSpec("heads", _heads, fields=("k", "per_layer", "seeds", "ablation_mode", "seed"), enabled=lambda config: config.heads),

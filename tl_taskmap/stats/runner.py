@@ -304,6 +304,7 @@ def compare_models(
     max_examples: Optional[int] = None,
     padding_side: PaddingSide = "left",
     prepend_bos: Optional[bool] = None,
+    probes: Sequence[Probe] = (),
 ) -> LayerStats:
     """CKA between models, spectra, task means and sampled representations, per task and layer.
 
@@ -330,6 +331,9 @@ def compare_models(
         max_samples_per_task, seed: At most this many examples per task are sampled (seeded).
         keep_accumulators: Keep the streaming accumulators (CPU) for saving and exact merging.
         max_examples: Use only the first ``max_examples`` prompts of each task.
+        probes: Further probes fed from the same forward passes (models named as here, control models
+            as ``control_name`` on their own task), e.g. an
+            :class:`~tl_taskmap.probes.ActivationProbe` that keeps per-example vectors; read them afterwards.
 
     Returns:
         A :class:`~tl_taskmap.stats.results.LayerStats`.
@@ -377,7 +381,7 @@ def compare_models(
                              {t: _sample_index(len(p), max_samples_per_task, seed) for t, p in prompts.items()},
                              finish=lambda acc: acc.finish(out, estimators, keep_accumulators))
     # One forward per model per batch; each prompt tokenized once per tokenizer (token ids checked equal).
-    Driver(adapters, [probe], batch_size=batch_size, padding_side=padding_side, prepend_bos=prepend_bos, include_targets=False,
+    Driver(adapters, [probe, *probes], batch_size=batch_size, padding_side=padding_side, prepend_bos=prepend_bos, include_targets=False,
            progress=progress).run(suite, task_models={t: {control_name: c} for t, c in controls.items()}, max_examples=max_examples)
     probe.finish_all()
     meta = {
