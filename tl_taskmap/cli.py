@@ -251,6 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return user_error(err, debug)
     from tl_taskmap.report import map_model
 
+    if argv is None:  # run as the command (this process is the map's own); a caller passing argv keeps its collector as is
+        _import_model_classes_and_freeze()
     if getattr(args, "threads", None):
         import torch
 
@@ -278,6 +280,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote the report
         print(result.html)
     return 0
+
+
+def _import_model_classes_and_freeze() -> None:
+    """Import the model libraries now and freeze what they made (:func:`tl_taskmap.memory.freeze_long_lived_objects`).
+
+    This process exists for one map, so the imports live as long as it does; frozen, they no longer
+    slow down the garbage collections between stages.
+    """
+    import importlib
+
+    for name in ("transformers", "transformer_lens", "transformer_lens.model_bridge"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a TransformerLens without the bridge: the model load says what is missing
+            pass
+    from tl_taskmap.memory import freeze_long_lived_objects
+
+    freeze_long_lived_objects()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,7 @@ import functools
 import gc
 from typing import Any, Optional
 
-__all__ = ["release_memory"]
+__all__ = ["release_memory", "freeze_long_lived_objects"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,3 +37,17 @@ def release_memory() -> bool:
     gc.collect()
     libc = _libc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+def freeze_long_lived_objects() -> None:
+    """Take every object alive now out of the garbage collector's view (``gc.freeze``), for a process that owns its interpreter.
+
+    After the imports of torch, transformers and TransformerLens a process tracks ~450,000 objects
+    (modules, classes, functions) that live as long as it does; each full collection walks them all
+    (~0.2 s), and :func:`release_memory` runs one after every stage. Frozen, they are skipped, and a
+    collection walks only what was made since (models, results): milliseconds. Frozen objects are
+    still freed by reference counting; only cycles among them would stay. The command line calls this
+    once before a map; a library never should (it would freeze its caller's objects too).
+    """
+    gc.collect()
+    gc.freeze()

@@ -357,3 +357,26 @@ def test_mean_mode_with_zero_means_equals_zero_mode(warm_llama):
     mean = ablation_matrix(warm_llama, tasks, sets, seeds=1, mode="mean", mean_activations=torch.zeros(a.n_layers, a.d_mlp), progress=False)
     assert mean.mode == "mean"
     pd.testing.assert_frame_equal(zero.to_dataframe(), mean.to_dataframe())
+
+
+def test_given_baselines_skip_the_baseline_passes_and_give_the_same_matrix(warm_llama, monkeypatch):
+    model, tasks = warm_llama, tiny_tasks()
+    sets = task_sets(as_adapter(model))
+    reference = ablation_matrix(model, tasks, sets, seeds=1, batch_size=4, progress=False)
+    baselines = {t.name: evaluate_task(model, t, batch_size=4) for t in tasks}
+    calls = counting(monkeypatch, model)
+    given = ablation_matrix(model, tasks, sets, seeds=1, batch_size=4, progress=False, baselines=baselines)
+    assert all(ablating for _, ablating in calls)  # no unablated evaluation ran
+    assert len(calls) == given.meta["n_evaluations"] == reference.meta["n_evaluations"] - len(tasks)
+    assert given.baselines == reference.baselines and given.records == reference.records
+    pd.testing.assert_frame_equal(given.to_dataframe(), reference.to_dataframe())
+
+
+def test_baselines_of_other_tasks_are_refused(warm_llama):
+    model, tasks = warm_llama, tiny_tasks()
+    sets = task_sets(as_adapter(model))
+    score = evaluate_task(model, tasks[0], batch_size=4)
+    with pytest.raises(ValueError, match="no score for tasks \\['qa'\\]"):
+        ablation_matrix(model, tasks, sets, seeds=0, progress=False, baselines={"sentiment": score})
+    with pytest.raises(ValueError, match="is not a score of this task"):
+        ablation_matrix(model, tasks, sets, seeds=0, progress=False, baselines={"sentiment": score, "qa": score})

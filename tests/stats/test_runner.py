@@ -233,3 +233,20 @@ def test_single_model_gives_spectra_without_pairs(gpt2, tasks):
     stats = compare_models({"base": gpt2}, tasks, progress=False, max_examples=6, embedding_layers=None)
     assert stats.pairs == [] and stats.tasks["t1"]["n_examples"] == 6
     assert stats.dims_for_99("base").shape == (3,) and not math.isnan(stats.task_similarity(0).iloc[0, 1])
+
+
+def test_extra_probes_see_the_same_passes_as_capture(llama, gpt2, narrow, tasks):
+    """An ActivationProbe given to compare_models keeps exactly what capture() gives, for models and controls."""
+    from tl_taskmap.probes import ActivationProbe
+
+    kept = ActivationProbe("resid_post")
+    counter, handle = count_passes(llama)
+    try:
+        compare_models({"sft": llama, "base": gpt2}, tasks, control_models={"t1": narrow}, batch_size=4, progress=False, probes=[kept])
+    finally:
+        handle.remove()
+    assert counter["n"] == 6  # still one forward per batch
+    for name, model, task in (("sft", llama, tasks[0]), ("sft", llama, tasks[1]), ("base", gpt2, tasks[1]), ("control", narrow, tasks[0])):
+        assert torch.equal(kept.result(task=task.name, model=name).stack("resid_post"), captured(model, task).stack("resid_post"))
+    with pytest.raises(KeyError):
+        kept.result(task="t2", model="control")

@@ -341,7 +341,7 @@ def _check_baselines(baselines: Optional[Mapping[str, TaskScore]], suite: TaskSu
         raise ValueError(f"baselines has no score for tasks {missing}; give one TaskScore per evaluated task (or baselines=None)")
     for task in suite:
         score = baselines[task.name]
-        if not isinstance(score, TaskScore) or score.metric != str(task.metric) or score.n != len(task) or len(score.per_example) != len(task):
+        if not isinstance(score, TaskScore) or score.task != task.name or score.metric != str(task.metric) or score.n != len(task) or len(score.per_example) != len(task):
             raise ValueError(f"baselines[{task.name!r}] is not a score of this task ({len(task)} examples, metric {task.metric}): "
                              f"got {score!r}; evaluate the unablated model on the same task, or pass baselines=None")
     return {t.name: baselines[t.name] for t in suite}

@@ -10,6 +10,8 @@ covariance are the squared singular values divided by n − 1.
 from __future__ import annotations
 
 
+from typing import Optional
+
 import numpy as np
 import torch
 from jaxtyping import Float
@@ -153,8 +155,21 @@ class StreamingCovariance(SafetensorsState):
         return self
 
     def _need(self, k: int) -> None:
-        if self._n < k:
+        if self.n < k:
             raise ValueError(f"need at least {k} examples, got n={self.n}; add more examples.")
+
+    def _gram_of_kept_rows(self) -> Optional[Float[Tensor, "n n"]]:
+        """``Xc Xcᵀ / (n − 1)`` of the centred rows while they are still kept (n ≤ d), else None.
+
+        Its nonzero eigenvalues are the covariance's (``Xcᵀ Xc / (n − 1)`` has the same ones), so the
+        spectrum of a few examples costs an n×n eigendecomposition instead of a d×d one.
+        """
+        if self._stats_ is not None or not self._pending:
+            return None
+        x = torch.cat([rows[0] for rows in self._pending])
+        centred = x - x.mean(0)
+        gram = centred @ centred.T / (x.shape[0] - 1)
+        return (gram + gram.T) / 2
 
     @property
     def mean(self) -> Float[Tensor, " d"]:
@@ -170,9 +185,17 @@ class StreamingCovariance(SafetensorsState):
         return (cov + cov.T) / 2  # exactly symmetric for eigvalsh
 
     def eigenvalues(self) -> Float[Tensor, " d"]:
-        """Covariance eigenvalues, descending, with round-off negatives clipped to 0."""
-        eigs = torch.linalg.eigvalsh(self.covariance())
-        return eigs.flip(0).clamp_min(0.0)
+        """Covariance eigenvalues, descending, with round-off negatives clipped to 0.
+
+        With at most ``d`` examples (kept as rows, see :class:`~tl_taskmap.stats.cka.SafetensorsState`)
+        they come from the n×n Gram matrix of the centred rows, padded with the d − n zero eigenvalues.
+        """
+        self._need(2)
+        gram = self._gram_of_kept_rows()
+        if gram is None:
+            return torch.linalg.eigvalsh(self.covariance()).flip(0).clamp_min(0.0)
+        eigs = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+        return torch.cat([eigs, eigs.new_zeros(self.d - eigs.shape[0])])
 
     def dims_for_variance(self, fraction: float = 0.99) -> int:
         """Smallest k with cumulative explained variance ≥ ``fraction`` (the paper's 99% count)."""
@@ -181,13 +204,16 @@ class StreamingCovariance(SafetensorsState):
     def participation_ratio(self) -> float:
         """(Σλ)² / Σλ² of the covariance eigenvalues, between 1 and d.
 
-        Computed as trace(C)² / ‖C‖_F², which needs no eigendecomposition.
+        Computed as trace(C)² / ‖C‖_F², which needs no eigendecomposition (and equals the same ratio of
+        the n×n Gram matrix of the centred rows, used while they are kept).
         """
-        cov = self.covariance()
-        frob2 = float((cov * cov).sum())
+        self._need(2)
+        gram = self._gram_of_kept_rows()
+        matrix = self.covariance() if gram is None else gram
+        frob2 = float((matrix * matrix).sum())
         if frob2 <= 0:
             raise ValueError("the covariance is zero (constant data); the participation ratio is undefined.")
-        return float(torch.trace(cov)) ** 2 / frob2
+        return float(torch.trace(matrix)) ** 2 / frob2
 
     @classmethod
     def _empty_like_state(cls, state: dict[str, Tensor], device: str | torch.device | None) -> "StreamingCovariance":
