@@ -218,6 +218,13 @@ def test_real_model_fast_equals_reference():
     a = as_adapter(model)
     prompts = ["The capital of France is", "1, 2, 3, 4,"]
     assert greedy_token_ids(a, prompts, 6) == greedy_token_ids(a, prompts, 6, use_cache=False)
+    # A few-shot generation task (a long shared prefix, run once per batch; targets the model follows and leaves).
+    shots = "Present: walk\nPast: walked\n\nPresent: go\nPast: went\n\nPresent: "
+    verbs = [("jump", " jumped"), ("eat", " ate"), ("swim", " swam"), ("allot", " allotted"), ("think", " thunk")]
+    gen = Task.from_lists("past", [shots + v + "\nPast:" for v, _ in verbs], [t for _, t in verbs], metric="exact_match")
+    fast, slow = evaluate_task(model, gen, batch_size=5), evaluate_task(model, gen, batch_size=5, fast=False)
+    assert fast.predictions == slow.predictions and fast.per_example == slow.per_example
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(slow.losses), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])

@@ -174,12 +174,14 @@ def evaluate_task(
     """Score ``model`` on ``task``: answer loss plus the task's metric.
 
     For multiple choice, the option scores give both the accuracy and the loss (the target is one of
-    the options). Generation tasks take one loss pass plus greedy decoding.
+    the options). Generation tasks take the loss and the greedy output from the same pass.
 
-    With ``fast=True`` (default) each prompt runs once and its key/value cache serves all options
-    (:mod:`tl_taskmap.choice_scoring`) and every decoding step (:mod:`tl_taskmap.generation`); the
-    scores equal the ``fast=False`` reference (one full forward per option, no cache) up to float
-    rounding, including under per-token hooks such as ablations.
+    With ``fast=True`` (default) each prompt runs once (a token prefix shared by a batch's prompts once
+    for the batch, :mod:`tl_taskmap.prompt_cache`) and its key/value cache serves all options
+    (:mod:`tl_taskmap.choice_scoring`), or the target's loss and every decoding step
+    (:func:`tl_taskmap.generation.target_logprobs_and_greedy`: greedy tokens are read off the target's
+    pass while they agree with it); the scores equal the ``fast=False`` reference (one full forward per
+    option, no cache) up to float rounding, including under per-token hooks such as ablations.
 
     Args:
         model: A HookedTransformer, TransformerBridge or ModelAdapter (hooks already on it apply,
