@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ CORPUS = [
 ] * 20
 
 ROOT = Path(tempfile.mkdtemp(prefix="tl_taskmap_tiny_"))
+atexit.register(shutil.rmtree, ROOT, ignore_errors=True)  # every test process made one and left it in /tmp
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,6 +10,11 @@ what transfers across machines):
   Hugging Face ``generate`` with its cache on the same weights (a plain HF model loaded from the same
   folder), stopping on the same tokens (EOS and every token whose text holds a newline). The texts
   must be identical. Target: cached <= 1.3x.
+* **Few-shot generation task** — ``evaluate_task`` on the built-in ``past_tense`` task (two shared
+  demonstrations before every prompt): the one-pass path (shared prefix once per batch; loss and greedy
+  output from one pass) against the path before it (a loss pass, then cached greedy decoding from a
+  second prompt pass, no prefix sharing), each divided by one forward pass over the prompts alone.
+  Predictions must be identical and losses equal to 1e-4.
 
 The model is the embedded SmolLM2-135M-Instruct when it is set up, else (or with ``--random``) a
 random LLaMA-shaped model of the same shape built locally (throughput does not depend on weights).
@@ -110,7 +115,7 @@ def main() -> None:
     parser.add_argument("--random", action="store_true", help="use a random SmolLM2-shaped model")
     parser.add_argument("--layers", type=int, default=30, help="layers of the random model")
     parser.add_argument("--options", nargs="+", default=OPTIONS, help="answer options of the MC task (leading spaces kept)")
-    parser.add_argument("--skip", choices=["mc", "generation"], default=None)
+    parser.add_argument("--skip", choices=["mc", "generation", "few-shot"], nargs="*", default=[])
     parser.add_argument("--no-reference", action="store_true", help="do not time the slow reference paths (fast=False, use_cache=False)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -121,7 +126,7 @@ def main() -> None:
     print(f"model: {what}; {args.examples} prompts of {min(n_tok)}-{max(n_tok)} tokens, batch {args.batch_size}, "
           f"1 thread, median of {args.repeats} interleaved repeats")
 
-    if args.skip != "mc":
+    if "mc" not in args.skip:
         options = list(args.options)
         task = Task.from_lists("bench", prompts, [options[i % len(options)] for i in range(len(prompts))], options=options)
         n_opt_tok = [len(adapter.tokenizer.encode(o, add_special_tokens=False)) for o in options]
@@ -145,7 +150,7 @@ def main() -> None:
             print(f"  {name:22s} {sec:7.3f} s  {sec / base:5.2f}x prompt forward")
         print(f"  target: cached <= 1.5x -> {'met' if t['MC cached'] / base <= 1.5 else 'NOT met'}")
 
-    if args.skip != "generation":
+    if "generation" not in args.skip:
         tok = adapter.tokenizer
         stop_ids = newline_token_ids(tok)
         gen_prompts = prompts[: args.batch_size]
@@ -176,6 +181,54 @@ def main() -> None:
         for name, sec in t.items():
             print(f"  {name:22s} {sec:7.3f} s  {sec / base:5.2f}x HF generate")
         print(f"  target: KV cache <= 1.3x and identical text -> {'met' if t['ours, KV cache'] / base <= 1.3 and same else 'NOT met'}")
+
+    if "few-shot" not in args.skip:
+        few_shot(bridge, adapter, args)
+
+
+def few_shot(bridge: Any, adapter: Any, args: Any) -> None:
+    """The few-shot generation section (see the module doc)."""
+    from tl_taskmap import prompt_cache
+    from tl_taskmap.choice_scoring import option_logprob_sums
+    from tl_taskmap.evaluate import greedy_generate
+    from tl_taskmap.suite import default_suite
+
+    task = default_suite(max_examples=args.examples, names=["past_tense"]).select(["past_tense"])[0].subset(args.examples, seed=0)
+    prompts, targets = task.prompts, task.targets
+    budget = max(len(adapter.tokenizer.encode(t, add_special_tokens=False)) for t in targets) + 2
+
+    def prompt_forward() -> None:
+        with torch.no_grad():
+            for s in range(0, len(prompts), args.batch_size):
+                adapter.forward(adapter.tokenize(prompts[s : s + args.batch_size]))
+
+    def before() -> tuple[list[float], list[str]]:
+        """The path before one-pass evaluation: a loss pass and a second prompt pass for cached greedy decoding."""
+        saved, prompt_cache.MIN_SHARED_TOKENS = prompt_cache.MIN_SHARED_TOKENS, 10**9  # no prefix sharing
+        try:
+            losses, texts = [], []
+            with torch.no_grad():
+                for s in range(0, len(prompts), args.batch_size):
+                    p, t = prompts[s : s + args.batch_size], targets[s : s + args.batch_size]
+                    sums, counts = option_logprob_sums(adapter, p, [[x] for x in t])
+                    losses += (-sums / counts).tolist()
+                    texts += greedy_generate(adapter, p, budget)
+            return losses, texts
+        finally:
+            prompt_cache.MIN_SHARED_TOKENS = saved
+
+    now = evaluate_task(bridge, task, batch_size=args.batch_size)
+    old_losses, old_texts = before()
+    same = now.predictions == old_texts and max(abs(a - b) for a, b in zip(now.losses, old_losses)) < 1e-4
+    t = interleaved({"prompt forward": prompt_forward, "one pass (now)": lambda: evaluate_task(bridge, task, batch_size=args.batch_size),
+                     "loss + greedy (before)": before}, args.repeats)
+    base = t["prompt forward"]
+    shared = prompt_cache.run_prompts(adapter, prompts[: args.batch_size]).shared
+    print(f"\nfew-shot generation task past_tense, {len(prompts)} examples ({shared} shared prefix tokens per batch), "
+          f"exact match {now.metric_value:.2f}; identical predictions and losses: {same}")
+    for name, sec in t.items():
+        print(f"  {name:22s} {sec:7.3f} s  {sec / base:5.2f}x prompt forward")
+    print(f"  one pass / before: {t['one pass (now)'] / t['loss + greedy (before)']:.2f}")
 
 
 if __name__ == "__main__":
