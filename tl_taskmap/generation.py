@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_taskmap.choice_scoring import continuation_token_ids
 from tl_taskmap.kv_cache import PrefixCache, forward_with_cache
 from tl_taskmap.models import ModelAdapter, TokenBatch
 from tl_taskmap.prompt_cache import run_prompts
@@ -155,8 +156,6 @@ def target_logprobs_and_greedy(
         >>> adapter.tokenizer.decode(ids[0])                                                          # doctest: +SKIP
         ' went'
     """
-    from tl_taskmap.choice_scoring import continuation_token_ids
-
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if len(prompts) != len(targets):
