@@ -290,3 +290,21 @@ def test_real_model_fast_paths_are_exact():
     early = capture(model, task.prompts, sites, progress=False)
     for site, value in Capturer(model, sites, stop_early=False).run_batch(task.prompts).items():
         assert torch.equal(early[site.hook_name], value.float())
+
+
+def test_kept_vectors_do_not_pin_the_batch_activations(bridge_llama):
+    """ActivationProbe keeps [n, d] vectors, not views that keep every position of each batch alive."""
+    from tl_taskmap.driver import run_probes
+    from tl_taskmap.probes import ActivationProbe
+    from tl_taskmap.stats.spectral import StreamingCovariance
+
+    probe = run_probes(bridge_llama, ["the quick brown fox jumps over", "a b c d e f g"], [ActivationProbe("resid_post")],
+                       batch_size=2)[0]
+    for chunks in probe.chunks_.values():
+        for _, reduced in chunks:
+            for t in reduced.values():
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    acts = torch.randn(4, 30, 8, dtype=torch.float64)
+    cov = StreamingCovariance(8).add(acts[:, -1])  # kept as rows (n <= d): a compact copy, not the [4, 30, 8] storage
+    (rows,) = cov._pending[0]
+    assert rows.untyped_storage().nbytes() == 4 * 8 * 8

@@ -19,7 +19,7 @@ import functools
 import gc
 from typing import Any, Optional
 
-__all__ = ["release_memory", "freeze_long_lived_objects"]
+__all__ = ["release_memory", "freeze_long_lived_objects", "compact"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,3 +51,20 @@ def freeze_long_lived_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def compact(tensor: Any) -> Any:
+    """``tensor`` itself if it holds all of its storage, else a copy that does.
+
+    A slice such as the last position of ``[batch, pos, d]`` activations keeps the whole ``[batch, pos, d]``
+    storage alive; a result kept across batches must not.
+
+    Example:
+        >>> import torch
+        >>> acts = torch.zeros(8, 40, 16)
+        >>> compact(acts[:, -1]).untyped_storage().nbytes(), compact(acts).untyped_storage().nbytes() == acts.numel() * 4
+        (512, True)
+    """
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor

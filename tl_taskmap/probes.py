@@ -54,6 +54,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from tl_taskmap.memory import compact
 from tl_taskmap.models import ModelAdapter, TokenBatch
 from tl_taskmap.sinks import Activations
 from tl_taskmap.sites import Site, SiteSpec, resolve_sites
@@ -305,7 +306,7 @@ class ActivationProbe(SiteProbe):
                     site = self._site(name)
                     raise FloatingPointError(f"non-finite (NaN/inf) activations at layer {site.layer} ({name}) of model {model!r}; "
                                              "check the model's weights and dtype (float16 overflows above 65504)")
-                reduced[name] = value.detach().to("cpu", torch.float32)
+                reduced[name] = compact(value.detach().to("cpu", torch.float32))  # not a view that keeps every position alive
             self.chunks_.setdefault((batch.task, model), []).append((batch.start, reduced))
 
     def _key(self, task: Optional[str], model: Optional[str]) -> tuple[str, str]:

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_taskmap.memory import compact
 from tl_taskmap.state_io import FORMAT_VERSIONS
 
 __all__ = [
@@ -265,7 +266,7 @@ class SafetensorsState:
         """Accumulate validated float64 rows now, or keep them for later while that is the smaller state."""
         count = rows[0].shape[0]
         if self._stats_ is None and self._n_ == 0 and self._pending_rows + count <= self._defer_rows:
-            self._pending.append(rows)
+            self._pending.append(tuple(compact(r) for r in rows))  # kept rows must not pin the batch's activations
             self._pending_rows += count
         else:
             self._stats  # noqa: B018 - replays what is pending, in order, before this batch
