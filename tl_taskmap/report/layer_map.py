@@ -117,9 +117,10 @@ def build_layer_map(
     captured = dict(captured or {})
     for name in bar(names, "layer-map capture"):
         task = evaluation[name]
-        for role, which in (("model", model), ("control", controls[name])):
+        for role in ("model", "control"):  # no local name may keep the control alive once it is released below
             given = captured.get((role, name))
-            acts[role][name] = given if given is not None else _layers_of(which, task, site, reduce, batch_size)
+            acts[role][name] = given if given is not None else _layers_of(model if role == "model" else controls[name], task, site,
+                                                                          reduce, batch_size)
         if release_controls:
             del controls[name]
             release_memory()

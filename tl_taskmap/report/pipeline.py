@@ -339,7 +339,9 @@ def _layers(run: _Run) -> tuple[list[str], dict]:
     stats.save(run.folder(layers.stats))
     run.path(layers.controls).write_text(json.dumps(records, indent=1, default=str))
     control_tasks = sorted(controls)
-    layer_map = _layer_map(run, controls, kept) if controls else {"files": []}  # releases each control once it is read
+    captured = _kept_vectors(kept, controls, _layer_map_site(run.config)) if kept is not None else {}
+    del kept, stats  # only the controlled tasks' vectors go on: the rest is freed before the null controls are trained
+    layer_map = _layer_map(run, controls, captured) if controls else {"files": []}  # releases each control once it is read
     return ([run.rel(p) for p in (layers.stats, layers.stats_csv, layers.controls)]
             + [run.rel(layers.folder / f) for f in layer_map["files"]],
             {"control_tasks": control_tasks, "layer_map_pair": layer_map.get("pair")})
@@ -380,11 +382,16 @@ def _multitask_cached(cfg: MapConfig, selection: Any) -> bool:
     return bool(cached_multitask_keys(_multitask_cache(cfg), list(selection), settings))
 
 
-def _layer_map(run: _Run, controls: dict[str, Any], kept: Any = None) -> dict:
+def _kept_vectors(kept: Any, controls: dict[str, Any], kind: str) -> dict[tuple[str, str], Any]:
+    """``{("model" | "control", task): [layer, n, d]}`` float64 arrays of the controlled tasks, from the layer stage's probe."""
+    return {(role, task): kept.result(task=task, model=label).stack(kind).double().numpy()
+            for task in controls for role, label in (("model", MODEL_LABEL), ("control", CONTROL_LABEL))}
+
+
+def _layer_map(run: _Run, controls: dict[str, Any], captured: Optional[dict] = None) -> dict:
     """Null controls, task-vs-null differences and the base-vs-tuned pair (:mod:`tl_taskmap.report.layer_map`).
 
-    ``kept``: the layer stage's :class:`~tl_taskmap.probes.ActivationProbe`, whose vectors of the model and the
-    controls are reused instead of captured again.
+    ``captured``: the model's and the controls' vectors the layer stage already has (:func:`_kept_vectors`), not captured again.
     """
     from tl_taskmap.report.layer_map import build_layer_map
 
@@ -392,11 +399,6 @@ def _layer_map(run: _Run, controls: dict[str, Any], kept: Any = None) -> dict:
     sets = load_neuron_sets(run.out, list(controls)) if cfg.control_neurons == "task" else {}
     sets = {task: _control_neurons(cfg, sets, task) for task in controls}
     kind = _layer_map_site(cfg)
-    captured = {}
-    if kept is not None:
-        for task in controls:
-            captured[("model", task)] = kept.result(task=task, model=MODEL_LABEL).stack(kind).double().numpy()
-            captured[("control", task)] = kept.result(task=task, model=CONTROL_LABEL).stack(kind).double().numpy()
     return build_layer_map(run.model, run.selection, run.evaluation, controls, folder=run.folder(run.layout.layers.folder), release_controls=True,
                            second=run.second, captured=captured,
                            multitask=_multitask(run), null_controls=cfg.null_controls, neurons=sets,
