@@ -125,3 +125,19 @@ def test_mismatched_targets_are_named(bridge_gpt2):
         target_logprobs_and_greedy(a, ["a", "b"], [" c"], 2)
     with pytest.raises(ValueError, match="no tokens"):
         target_logprobs_and_greedy(a, ["a"], [""], 2)
+
+
+def test_bad_targets_are_refused_before_any_forward(bridge_gpt2, monkeypatch):
+    from tl_taskmap import choice_scoring, generation
+
+    a = as_adapter(bridge_gpt2)
+    ran = []
+    monkeypatch.setattr(generation, "run_prompts", lambda *args, **kw: ran.append(1))
+    monkeypatch.setattr(choice_scoring, "run_prompts", lambda *args, **kw: ran.append(1))
+    with pytest.raises(ValueError, match="context"):
+        target_logprobs_and_greedy(a, ["a " * 60], [" yes no maybe"], 2)
+    with pytest.raises(ValueError, match="no tokens"):
+        option_logprob_sums(a, ["a b"], [[" yes", ""]])
+    assert not ran
+    with pytest.raises(ValueError, match="left-padded"):
+        run_prompts(a, a.tokenize(["a b"], padding_side="right"))

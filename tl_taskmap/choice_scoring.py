@@ -82,16 +82,15 @@ def option_logprob_sums(
     """
     if len(prompts) != len(options):
         raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists: give one list of options per prompt")
+    prompt_batch = adapter.tokenize(prompts, padding_side=padding_side, prepend_bos=prepend_bos)
+    option_ids = continuation_token_ids(adapter, prompt_batch.attention_mask.sum(1).tolist(), options)  # checked before any forward
     if padding_side == "left":  # every prompt ends in the last column: unembed that column only; a shared prefix runs once
-        passed = run_prompts(adapter, prompts, prepend_bos=prepend_bos)
-        last, cache, prompt_lengths = passed.last_logits, passed.cache, passed.lengths
+        passed = run_prompts(adapter, prompt_batch)
+        last, cache = passed.last_logits, passed.cache
     else:
-        prompt_batch = adapter.tokenize(prompts, padding_side=padding_side, prepend_bos=prepend_bos)
-        prompt_lengths = prompt_batch.attention_mask.sum(1).tolist()
         logits, cache = forward_with_cache(adapter, prompt_batch.tokens, prompt_batch.attention_mask)
         last = logits[torch.arange(len(prompts), device=logits.device), prompt_batch.last_index.to(logits.device)]
         del logits
-    option_ids = continuation_token_ids(adapter, prompt_lengths, options)
     example_of_row = [i for i, ids in enumerate(option_ids) for _ in ids]
     rows = [row for ids in option_ids for row in ids]
     device = adapter.device

@@ -63,7 +63,7 @@ def greedy_token_ids(
     for step in range(max_new_tokens):
         if use_cache:
             if cache is None:
-                passed = run_prompts(adapter, prompts, prepend_bos=prepend_bos)
+                passed = run_prompts(adapter, batch)
                 last, cache = passed.last_logits, passed.cache
             else:
                 logits, cache = forward_with_cache(adapter, next_ids[:, None], torch.ones_like(next_ids[:, None]), cache, last_only=True)
@@ -160,8 +160,9 @@ def target_logprobs_and_greedy(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets: give one target per prompt")
-    passed = run_prompts(adapter, prompts, prepend_bos=prepend_bos)
-    rows = continuation_token_ids(adapter, passed.lengths, [[t] for t in targets])
+    prompt_batch = adapter.tokenize(prompts, padding_side="left", prepend_bos=prepend_bos)
+    rows = continuation_token_ids(adapter, prompt_batch.attention_mask.sum(1).tolist(), [[t] for t in targets])  # before any forward
+    passed = run_prompts(adapter, prompt_batch)
     targets_ids = [r[0] for r in rows]
     n, width = len(targets_ids), max(map(len, targets_ids))
     inputs = torch.zeros((n, width), dtype=torch.long)

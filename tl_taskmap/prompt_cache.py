@@ -77,14 +77,14 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def run_prompts(adapter: ModelAdapter, prompts: Sequence[str], *, prepend_bos: Optional[bool] = None,
+def run_prompts(adapter: ModelAdapter, prompts: Sequence[str] | TokenBatch, *, prepend_bos: Optional[bool] = None,
                 share_prefix: bool = True) -> PromptPass:
     """Run ``prompts`` once (left-padded), their common token prefix once for the batch; logits at the last token.
 
     Args:
         adapter: The model (hooks already on it apply).
-        prompts: Prompt texts.
-        prepend_bos: Prepend BOS (default: the model's setting).
+        prompts: Prompt texts, or a left-padded :class:`~tl_taskmap.models.TokenBatch` of them (tokenized once by the caller).
+        prepend_bos: Prepend BOS (default: the model's setting; unused with a TokenBatch).
         share_prefix: Run a common prefix of :data:`MIN_SHARED_TOKENS` or more tokens once (default);
             ``False`` runs the plain left-padded batch.
 
@@ -92,7 +92,12 @@ def run_prompts(adapter: ModelAdapter, prompts: Sequence[str], *, prepend_bos: O
         >>> passed = run_prompts(adapter, ["Word: good\\nSentiment:", "Word: bad\\nSentiment:"])   # doctest: +SKIP
         >>> passed.last_logits.argmax(-1)                                                   # doctest: +SKIP
     """
-    batch = adapter.tokenize(prompts, padding_side="left", prepend_bos=prepend_bos)
+    if isinstance(prompts, TokenBatch):
+        if prompts.padding_side != "left":
+            raise ValueError("run_prompts needs a left-padded batch (each prompt's last token in the last column)")
+        batch = prompts
+    else:
+        batch = adapter.tokenize(prompts, padding_side="left", prepend_bos=prepend_bos)
     lengths = batch.attention_mask.sum(1).tolist()
     width = batch.tokens.shape[1]
     rows = [batch.tokens[i, width - n :].tolist() for i, n in enumerate(lengths)]
