@@ -193,7 +193,11 @@ def few_shot(bridge: Any, adapter: Any, args: Any) -> None:
     from tl_taskmap.evaluate import greedy_generate
     from tl_taskmap.suite import default_suite
 
-    task = default_suite(max_examples=args.examples, names=["past_tense"]).select(["past_tense"])[0].subset(args.examples, seed=0)
+    try:
+        task = default_suite(max_examples=args.examples, names=["past_tense"]).select(["past_tense"])[0].subset(args.examples, seed=0)
+    except Exception as err:  # the built-in suite is not set up (python -m tl_taskmap.setup_assets)
+        print(f"\nfew-shot generation task: skipped, the built-in past_tense task is unavailable ({err})")
+        return
     prompts, targets = task.prompts, task.targets
     budget = max(len(adapter.tokenizer.encode(t, add_special_tokens=False)) for t in targets) + 2
 
