@@ -53,6 +53,25 @@ def continuation_token_ids(adapter: ModelAdapter, prompt_lengths: Sequence[int],
     return option_ids
 
 
+def target_logprob_sums(
+    logits: Float[Tensor, "rows pos d_vocab"], targets: Int[Tensor, "rows pos"], mask: Int[Tensor, "rows pos"]
+) -> Float[Tensor, " rows"]:
+    """Per row, the summed ``log_softmax(logits)[target]`` over the positions where ``mask`` is 1.
+
+    The float32 log-softmax runs at those positions only, not over the vocabulary at every position.
+
+    Example:
+        >>> logits = torch.zeros(1, 2, 4)   # uniform over 4 tokens
+        >>> target_logprob_sums(logits, torch.tensor([[1, 3]]), torch.tensor([[1, 0]]))
+        tensor([-1.3863])
+    """
+    real = mask.bool().to(logits.device)
+    picked = F.log_softmax(logits[real].float(), dim=-1).gather(-1, targets.to(logits.device)[real][:, None]).squeeze(-1)
+    per_row = torch.zeros(tuple(mask.shape), dtype=picked.dtype, device=picked.device)
+    per_row[real] = picked
+    return per_row.sum(1)
+
+
 def option_logprob_sums(
     adapter: ModelAdapter,
     prompts: Sequence[str],
@@ -116,11 +135,8 @@ def option_logprob_sums(
             mask[n, : len(r) - 1] = 1
         branch = cache.select_rows(torch.tensor([example_of_row[j] for j in longer], device=device))
         cont_logits, _ = forward_with_cache(adapter, inputs, mask, branch)
-        real = mask.bool().to(cont_logits.device)
-        picked = F.log_softmax(cont_logits[real].float(), dim=-1).gather(-1, targets.to(cont_logits.device)[real][:, None]).squeeze(-1)
+        continued = target_logprob_sums(cont_logits, targets, mask)
         del cont_logits
-        per_row = torch.zeros((len(longer), width), dtype=picked.dtype, device=picked.device)
-        per_row[real] = picked
-        sums = sums.index_add(0, torch.tensor(longer, device=sums.device), per_row.sum(1).to(sums.device))
+        sums = sums.index_add(0, torch.tensor(longer, device=sums.device), continued.to(sums.device))
     counts = torch.tensor([len(r) for r in rows])
     return sums.cpu(), counts

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_taskmap.choice_scoring import continuation_token_ids
+from tl_taskmap.choice_scoring import continuation_token_ids, target_logprob_sums
 from tl_taskmap.kv_cache import PrefixCache, forward_with_cache
 from tl_taskmap.models import ModelAdapter, TokenBatch
 from tl_taskmap.prompt_cache import run_prompts
@@ -174,12 +174,7 @@ def target_logprobs_and_greedy(
     # Log-probability of target token j from the logits before it: the prompt's last, then the forced tokens'.
     first = F.log_softmax(passed.last_logits.float(), dim=-1)
     sums = first[torch.arange(n, device=first.device), inputs[:, 0].to(first.device)]
-    inner = mask[:, 1:].bool().to(logits.device)
-    if bool(inner.any()):
-        picked = F.log_softmax(logits[:, :-1][inner].float(), dim=-1).gather(-1, inputs[:, 1:].to(logits.device)[inner][:, None]).squeeze(-1)
-        per_row = torch.zeros((n, width - 1), dtype=picked.dtype, device=picked.device)
-        per_row[inner] = picked
-        sums = sums + per_row.sum(1).to(sums.device)
+    sums = sums + target_logprob_sums(logits[:, :-1], inputs[:, 1:], mask[:, 1:]).to(sums.device)
     predicted = torch.cat([passed.last_logits.argmax(-1)[:, None], logits.argmax(-1).to(passed.last_logits.device)], 1).tolist()
     del logits
     is_stop = _StopTokens(adapter)

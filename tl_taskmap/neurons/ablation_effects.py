@@ -250,7 +250,8 @@ def ablation_matrix(
 ) -> AblationMatrix:
     """Ablate each set (and matched random sets) and score every task: the task × task ablation matrix.
 
-    Cost: ``T`` baseline passes (none when ``baselines`` are given) plus one pass per (distinct non-empty set, task), i.e. at most
+    Cost: ``T`` baseline passes (none when ``baselines`` are given) plus one pass per (distinct non-empty
+    set, task), i.e. at most
     ``(S + S·seeds) × T`` ablated passes for ``S`` sets and ``T`` tasks. Random sets are
     ``neuron_sets[name].random_like(seed)`` (the same per-layer counts; they may overlap the task's set,
     as in the paper). Every set is validated against the model before anything runs.
@@ -328,7 +329,8 @@ def ablation_matrix(
         seeds=seed_list,
         baselines={n: {"metric_value": s.metric_value, "loss": s.loss, **_per_example_fields(s), "chance": s.chance, "n": s.n}
                    for n, s in baselines.items()},
-        records=records, meta={"n_evaluations": n_evaluations, "baselines_given": given is not None, "batch_size": batch_size, "unit": units.pop()},
+        records=records, meta={"n_evaluations": n_evaluations, "baselines_given": given is not None, "batch_size": batch_size,
+                               "unit": units.pop()},
     )
 
 
@@ -341,7 +343,8 @@ def _check_baselines(baselines: Optional[Mapping[str, TaskScore]], suite: TaskSu
         raise ValueError(f"baselines has no score for tasks {missing}; give one TaskScore per evaluated task (or baselines=None)")
     for task in suite:
         score = baselines[task.name]
-        if not isinstance(score, TaskScore) or score.task != task.name or score.metric != str(task.metric) or score.n != len(task) or len(score.per_example) != len(task):
+        same_task = isinstance(score, TaskScore) and score.task == task.name and score.metric == str(task.metric)
+        if not same_task or score.n != len(task) or len(score.per_example) != len(task):
             raise ValueError(f"baselines[{task.name!r}] is not a score of this task ({len(task)} examples, metric {task.metric}): "
                              f"got {score!r}; evaluate the unablated model on the same task, or pass baselines=None")
     return {t.name: baselines[t.name] for t in suite}

@@ -71,7 +71,8 @@ def _sections(frame: pd.DataFrame, tasks: list[str]) -> Optional[dict]:
 
 def build_layer_map(
     model: Any, selection: Any, evaluation: Any, controls: Mapping[str, Any], *, folder: Path, release_controls: bool = False,
-    second: Any = None, captured: Optional[Mapping[tuple[str, str], np.ndarray]] = None, multitask: Any = None, null_controls: bool = True, neurons: Optional[Mapping[str, Any]] = None,
+    second: Any = None, captured: Optional[Mapping[tuple[str, str], np.ndarray]] = None, multitask: Any = None,
+    null_controls: bool = True, neurons: Optional[Mapping[str, Any]] = None,
     control_settings: Optional[dict] = None, n_boot: int = 1000, seed: int = 0, site: str = "resid_post",
     reduce: str = "last", batch_size: int = 8, log: Callable[[str], None] = lambda m: None,
     bar: Callable[[Any, str], Any] = lambda items, desc: items,
@@ -114,7 +115,7 @@ def build_layer_map(
     # but its adapted tensors with the model: see train_control_model's share_weights).
     acts: dict[str, dict[str, np.ndarray]] = {"model": {}, "control": {}, "null": {}, "tuned": {}, "base": {}}
     names = list(controls)
-    captured = dict(captured or {})
+    captured = captured or {}
     for name in bar(names, "layer-map capture"):
         task = evaluation[name]
         for role in ("model", "control"):  # no local name may keep the control alive once it is released below
